@@ -1,0 +1,3 @@
+from streamfilter.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,49 @@
+"""The `streamfilter` command line.
+
+Each subsystem owns its subcommands: a module listed in `COMMAND_MODULES` exposes
+`register(subparsers)`, which adds its parsers and sets `handler` (a callable taking the
+parsed arguments and returning an exit code). Modules here must import cheaply: heavy
+imports (onnxruntime, torch, kafka) happen inside the handlers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from streamfilter import __version__
+from streamfilter.errors import UserError
+
+COMMAND_MODULES = (
+    "streamfilter.broker",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="streamfilter",
+        description="Streaming data curation for LLM pre-training (Ask-LLM and Density samplers on Kafka).",
+    )
+    parser.add_argument("--version", action="version", version=f"streamfilter {__version__}")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    try:
+        return int(args.handler(args) or 0)
+    except UserError as exc:
+        print(f"streamfilter {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
