@@ -1,0 +1,273 @@
+"""RACE kernel-density sketch with p-stable (Gaussian) LSH: the paper's Density score (section 3.2, A.2).
+
+R rows x B buckets of counters. Row r hashes a point with K concatenated p-stable LSH
+functions h_j(x) = floor((a_j . x + b_j) / w) (Datar et al., 2004) and maps the K-tuple
+into [0, B) with a vector multiply-shift hash (Dietzfelbinger, 1996: 32-bit multiply-add
+with wrap-around, then the top bits scaled into [0, B) as in Lemire's fastrange). Adding a
+point increments one counter per row; the score of a query is the mean over rows of the
+counters it hashes to, minus the expected mass of spurious bucket collisions:
+
+    E[C_r(q)] = S(q) + (N - S(q)) / B,      S(q) = sum_x p(||x - q||)^K
+
+so the debiased score (C - N/B) / (1 - 1/B) estimates the LSH kernel sum S(q) (the
+expected number of stream points sharing q's K-tuple in a row). Without the subtraction a
+long stream (N >> B) adds a constant N/B to every score, which flattens inverse propensity
+sampling toward uniform-random sampling.
+
+The hash parameters (projections, offsets, w, K, the tuple-hash multipliers) are stored
+with the sketch and never re-derived from the seed, because numpy's random streams are not
+stable across versions. Counters are int32 (the paper's 80 MB at R=1000, B=20000) and are
+widened to int64 before any counter could overflow (a counter never exceeds `count`).
+
+Determinism: the hash is float32 arithmetic through BLAS, so two machines with different
+BLAS builds may put a point that lies within ~1e-6 of a cell boundary in different cells;
+everything else (tuple hash, counting, debiasing) is exact integer arithmetic.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+DEFAULT_ROWS = 1000
+DEFAULT_BUCKETS = 20000
+DEFAULT_K = 8
+DEFAULT_WIDTH = 1.0
+SCORE_FLOOR = 1e-6  # queries never return less, so 1 / score is finite
+_INT32_MAX = np.iinfo(np.int32).max
+_CHUNK_ELEMENTS = 1 << 23  # hash at most this many (document, row*k) cells at once: 32 MB of float32
+
+
+def pstable_collision_probability(distance: np.ndarray | float, width: float) -> np.ndarray:
+    """P[floor((a.x+b)/w) == floor((a.y+b)/w)] for a ~ N(0, I), b ~ U[0, w), at ||x - y|| = distance.
+
+    Datar et al. (2004), p-stable LSH with p = 2. Equals 1 at distance 0 and decreases monotonically.
+    """
+    d = np.asarray(distance, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = width / d
+        from scipy.special import ndtr  # scipy is only needed here, off the hot path
+
+        p = 1.0 - 2.0 * ndtr(-t) - 2.0 / (math.sqrt(2.0 * math.pi) * t) * (1.0 - np.exp(-(t * t) / 2.0))
+    return np.where(d <= 0, 1.0, p)
+
+
+def lsh_kernel(distance: np.ndarray | float, width: float, k: int) -> np.ndarray:
+    """The kernel the sketch estimates: probability that two points share a row's K-tuple."""
+    return pstable_collision_probability(distance, width) ** k
+
+
+@dataclass(eq=False)
+class RaceSketch:
+    """A RACE sketch. Build with `create`; `add` and `query` take [n, dim] float16/float32 batches."""
+
+    projections: np.ndarray  # [dim, k * rows] float32; column j * rows + r is hash j of row r
+    offsets: np.ndarray  # [k * rows] float32, uniform in [0, width)
+    width: float
+    k: int
+    buckets: int
+    tuple_multipliers: np.ndarray  # [k, rows] uint32, odd
+    tuple_addend: np.ndarray  # [rows] uint32
+    counters: np.ndarray  # [rows, buckets] int32, or int64 once widened
+    count: int = 0  # documents added
+    seed: int = 0  # informational only: the parameters above are what define the hash
+    _hash_matrix: np.ndarray = field(init=False, repr=False)  # derived: [dim + 1, k * rows] float32
+    _row_base: np.ndarray = field(init=False, repr=False)  # derived: [rows] int64, r * buckets
+
+    def __post_init__(self) -> None:
+        dim, cols = self.projections.shape
+        rows = self.counters.shape[0]
+        if self.k < 1 or self.buckets < 2 or rows < 1 or not (self.width > 0 and math.isfinite(self.width)):
+            raise ValueError(f"bad sketch parameters: k={self.k}, buckets={self.buckets}, rows={rows}, width={self.width}")
+        if cols != self.k * rows or self.offsets.shape != (cols,) or self.counters.shape != (rows, self.buckets):
+            raise ValueError("sketch arrays have inconsistent shapes")
+        if self.tuple_multipliers.shape != (self.k, rows) or self.tuple_addend.shape != (rows,):
+            raise ValueError("tuple-hash parameters have inconsistent shapes")
+        w = np.float32(self.width)
+        # (a.x + b) / w as one matmul: x is extended with a constant 1 column.
+        self._hash_matrix = np.vstack([self.projections / w, (self.offsets / w)[None, :]]).astype(np.float32)
+        self._row_base = np.arange(rows, dtype=np.int64) * self.buckets
+
+    # ---------------------------------------------------------------- construction
+
+    @classmethod
+    def create(
+        cls,
+        dim: int,
+        rows: int = DEFAULT_ROWS,
+        buckets: int = DEFAULT_BUCKETS,
+        k: int = DEFAULT_K,
+        width: float = DEFAULT_WIDTH,
+        seed: int = 0,
+    ) -> "RaceSketch":
+        """A fresh, empty sketch whose hash parameters are drawn from `seed` (and then stored)."""
+        if dim < 1 or rows < 1 or buckets < 2 or k < 1 or not (width > 0 and math.isfinite(width)):
+            raise ValueError(f"bad sketch parameters: dim={dim}, rows={rows}, buckets={buckets}, k={k}, width={width}")
+        if buckets > 1 << 31:
+            raise ValueError(f"buckets={buckets} exceeds 2**31")
+        rng = np.random.default_rng(seed)
+        return cls(
+            projections=rng.standard_normal((dim, k * rows), dtype=np.float32),
+            offsets=(rng.random(k * rows, dtype=np.float32) * np.float32(width)).astype(np.float32),
+            width=float(width),
+            k=int(k),
+            buckets=int(buckets),
+            tuple_multipliers=(rng.integers(0, 1 << 32, size=(k, rows), dtype=np.uint64) | 1).astype(np.uint32),
+            tuple_addend=rng.integers(0, 1 << 32, size=rows, dtype=np.uint64).astype(np.uint32),
+            counters=np.zeros((rows, buckets), dtype=np.int32),
+            count=0,
+            seed=int(seed),
+        )
+
+    @property
+    def dim(self) -> int:
+        return self.projections.shape[0]
+
+    @property
+    def rows(self) -> int:
+        return self.counters.shape[0]
+
+    # ---------------------------------------------------------------- hashing
+
+    def _chunks(self, x: np.ndarray):
+        x = np.asarray(x)
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"expected embeddings of shape [n, {self.dim}], got {x.shape}")
+        if not np.isfinite(x).all():
+            raise ValueError("embeddings contain NaN or infinity")
+        step = max(1, _CHUNK_ELEMENTS // self._hash_matrix.shape[1])
+        for start in range(0, x.shape[0], step):
+            yield start, x[start:start + step]
+
+    def _hash(self, x: np.ndarray) -> np.ndarray:
+        """Flat counter indices [n, rows] (int64, row r's bucket + r * buckets) of one chunk."""
+        n, dim = x.shape
+        rows = self.rows
+        x1 = np.empty((n, dim + 1), dtype=np.float32)
+        x1[:, :dim] = x
+        x1[:, dim] = 1.0
+        z = x1 @ self._hash_matrix  # the one matmul: (a.x + b) / w for every (row, j)
+        np.floor(z, out=z)
+        cells = z.astype(np.int32)  # p-stable cell ids; K per row, laid out j-major
+        mult = self.tuple_multipliers.view(np.int32)
+        # Multiply-add over the K-tuple in int32 with wrap-around (= mod 2**32).
+        acc = np.multiply(cells[:, :rows], mult[0])
+        tmp = np.empty_like(acc)
+        for j in range(1, self.k):  # K is small; each step is one array op over [n, rows]
+            np.multiply(cells[:, j * rows:(j + 1) * rows], mult[j], out=tmp)
+            acc += tmp
+        acc += self.tuple_addend.view(np.int32)
+        # Top bits of the 32-bit hash scaled into [0, B): (h * B) >> 32.
+        idx = acc.view(np.uint32).astype(np.uint64)
+        idx *= np.uint64(self.buckets)
+        idx >>= np.uint64(32)
+        flat = idx.view(np.int64)
+        flat += self._row_base
+        return flat
+
+    def bucket_indices(self, x: np.ndarray) -> np.ndarray:
+        """[n, rows] int64 bucket index in [0, buckets) of each point in each row (for tests and calibration)."""
+        out = [self._hash(chunk) - self._row_base for _, chunk in self._chunks(x)]
+        return np.concatenate(out) if out else np.empty((0, self.rows), dtype=np.int64)
+
+    # ---------------------------------------------------------------- sketch operations
+
+    def add(self, x: np.ndarray) -> None:
+        """Insert a batch of points: x [n, dim] float16/float32 (finite)."""
+        n = np.asarray(x).shape[0] if np.ndim(x) == 2 else 0
+        if self.counters.dtype == np.int32 and self.count + n > _INT32_MAX:
+            self.counters = self.counters.astype(np.int64)  # widen before any counter could overflow
+        flat_counters = self.counters.reshape(-1)
+        one = flat_counters.dtype.type(1)
+        for _, chunk in self._chunks(x):
+            np.add.at(flat_counters, self._hash(chunk).reshape(-1), one)
+            self.count += chunk.shape[0]
+
+    def raw_counts(self, x: np.ndarray) -> np.ndarray:
+        """[n] float64 mean over rows of the counters x hashes to (the paper's score, not debiased)."""
+        flat_counters = self.counters.reshape(-1)
+        out = np.empty(np.asarray(x).shape[0], dtype=np.float64)
+        for start, chunk in self._chunks(x):
+            hits = np.take(flat_counters, self._hash(chunk))
+            out[start:start + chunk.shape[0]] = hits.sum(axis=1, dtype=np.int64) / self.rows
+        return out
+
+    def query(self, x: np.ndarray) -> np.ndarray:
+        """[n] float64 debiased density score: an estimate of sum_x p(||x - q||)^K over added points.
+
+        Scores are at least `SCORE_FLOOR` (debiasing can make a sparse region's estimate <= 0).
+        """
+        raw = self.raw_counts(x)
+        spurious = self.count / self.buckets
+        score = (raw - spurious) / (1.0 - 1.0 / self.buckets)
+        return np.maximum(score, SCORE_FLOOR)
+
+    # ---------------------------------------------------------------- merging
+
+    def parameter_mismatch(self, other: "RaceSketch") -> str | None:
+        """The name of the first hash parameter that differs from `other`'s, or None if all agree."""
+        for name in ("dim", "rows", "buckets", "k", "width"):
+            if getattr(self, name) != getattr(other, name):
+                return f"{name} ({getattr(self, name)} != {getattr(other, name)})"
+        for name in ("projections", "offsets", "tuple_multipliers", "tuple_addend"):
+            if not np.array_equal(getattr(self, name), getattr(other, name)):
+                return f"{name} (same shape, different values: sketches built from different seeds)"
+        return None
+
+    def params_equal(self, other: "RaceSketch") -> bool:
+        return self.parameter_mismatch(other) is None
+
+    def merge(self, other: "RaceSketch") -> None:
+        """Add `other`'s counters into this sketch (the result equals one sketch of both streams)."""
+        mismatch = self.parameter_mismatch(other)
+        if mismatch is not None:
+            raise ValueError(f"cannot merge RACE sketches with different parameters: {mismatch}")
+        total = self.count + other.count
+        if total > _INT32_MAX or other.counters.dtype == np.int64:
+            self.counters = self.counters.astype(np.int64, copy=False)
+        self.counters += other.counters
+        self.count = total
+
+    def copy(self) -> "RaceSketch":
+        return RaceSketch.from_arrays({k: v.copy() for k, v in self.to_arrays().items()})
+
+    # ---------------------------------------------------------------- serialisation (no pickle)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Everything that defines the sketch, as plain numpy arrays (scalars as 0-d arrays)."""
+        return {
+            "projections": self.projections,
+            "offsets": self.offsets,
+            "width": np.array(self.width, dtype=np.float64),
+            "k": np.array(self.k, dtype=np.int64),
+            "buckets": np.array(self.buckets, dtype=np.int64),
+            "tuple_multipliers": self.tuple_multipliers,
+            "tuple_addend": self.tuple_addend,
+            "counters": self.counters,
+            "count": np.array(self.count, dtype=np.int64),
+            "seed": np.array(self.seed, dtype=np.int64),
+        }
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "RaceSketch":
+        expected = {"projections": np.float32, "offsets": np.float32, "tuple_multipliers": np.uint32,
+                    "tuple_addend": np.uint32}
+        for name, dtype in expected.items():
+            if arrays[name].dtype != dtype:
+                raise ValueError(f"sketch array {name} has dtype {arrays[name].dtype}, expected {np.dtype(dtype)}")
+        if arrays["counters"].dtype not in (np.int32, np.int64):
+            raise ValueError(f"sketch counters have dtype {arrays['counters'].dtype}")
+        return cls(
+            projections=arrays["projections"],
+            offsets=arrays["offsets"],
+            width=float(arrays["width"]),
+            k=int(arrays["k"]),
+            buckets=int(arrays["buckets"]),
+            tuple_multipliers=arrays["tuple_multipliers"],
+            tuple_addend=arrays["tuple_addend"],
+            counters=arrays["counters"],
+            count=int(arrays["count"]),
+            seed=int(arrays["seed"]),
+        )

@@ -1,0 +1,220 @@
+"""Snapshots of the sketch aggregator's state: one checksummed file, written atomically.
+
+File layout (little-endian):
+
+    magic      8 bytes   b"SFSNAP\\r\\n"
+    version    u32       FORMAT_VERSION
+    length     u64       payload length in bytes
+    sha256     32 bytes  of the payload
+    payload    msgpack map: {"meta": {...}, "arrays": {name: .npy bytes}, "quantiles": KLL bytes}
+
+No pickle: arrays are `.npy` bytes read with `np.load(allow_pickle=False)`, the rest is
+msgpack of plain types. Loading checks magic, version, length (truncation) and checksum,
+and raises `SnapshotCorrupt` on any failure so the caller falls back to an older file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import re
+import struct
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgpack
+import numpy as np
+
+from streamfilter.density.quantiles import ScoreQuantiles
+from streamfilter.density.race import RaceSketch
+from streamfilter.density.reservoir import Reservoir
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"SFSNAP\r\n"
+FORMAT_VERSION = 1
+_HEADER = struct.Struct("<8sIQ32s")
+_STALE_TMP_S = 600  # temp files older than this are from a dead writer
+_NAME = re.compile(r"^snapshot-(\d{20})-([A-Za-z0-9_.-]+)\.sfsnap$")
+
+
+class SnapshotCorrupt(Exception):
+    """A snapshot file that fails its magic, version, length, checksum or format checks."""
+
+
+@dataclass(eq=False)
+class Snapshot:
+    snapshot_id: str
+    created_at: float  # unix seconds
+    sketch: RaceSketch
+    quantiles: ScoreQuantiles
+    offsets: dict[tuple[str, int], int]  # (topic, partition) -> next offset to consume
+    doc_count: int
+    policy_seed: int
+    reservoir: Reservoir
+    ips_constants: dict[str, float] = field(default_factory=dict)  # Policy.key -> c, precomputed
+
+    # ------------------------------------------------------------------ bytes
+
+    def to_bytes(self) -> bytes:
+        arrays = {f"sketch.{k}": v for k, v in self.sketch.to_arrays().items()}
+        arrays["reservoir.priorities"] = self.reservoir.priorities
+        arrays["reservoir.embeddings"] = self.reservoir.embeddings
+        arrays["reservoir.askllm"] = self.reservoir.askllm
+        meta = {
+            "snapshot_id": self.snapshot_id,
+            "created_at": float(self.created_at),
+            "offsets": [[t, int(p), int(o)] for (t, p), o in sorted(self.offsets.items())],
+            "doc_count": int(self.doc_count),
+            "policy_seed": int(self.policy_seed),
+            "reservoir_size": int(self.reservoir.size),
+            "reservoir_seed": int(self.reservoir.seed),
+            "ips_constants": {k: float(v) for k, v in sorted(self.ips_constants.items())},
+        }
+        payload = msgpack.packb(
+            {"meta": meta, "arrays": {k: _npy_bytes(v) for k, v in arrays.items()},
+             "quantiles": self.quantiles.to_bytes()},
+            use_bin_type=True,
+        )
+        return _HEADER.pack(MAGIC, FORMAT_VERSION, len(payload), hashlib.sha256(payload).digest()) + payload
+
+    @classmethod
+    def from_bytes(cls, data: bytes | memoryview) -> "Snapshot":
+        data = memoryview(data)
+        if len(data) < _HEADER.size:
+            raise SnapshotCorrupt(f"truncated: {len(data)} bytes is shorter than the header")
+        magic, version, length, digest = _HEADER.unpack_from(data)
+        if magic != MAGIC:
+            raise SnapshotCorrupt("not a streamfilter snapshot (bad magic)")
+        if version != FORMAT_VERSION:
+            raise SnapshotCorrupt(f"unsupported snapshot format version {version} (this build reads {FORMAT_VERSION})")
+        payload = data[_HEADER.size:]
+        if len(payload) != length:
+            raise SnapshotCorrupt(f"truncated or padded: payload is {len(payload)} bytes, header says {length}")
+        if hashlib.sha256(payload).digest() != digest:
+            raise SnapshotCorrupt("checksum mismatch")
+        try:
+            doc = msgpack.unpackb(payload, raw=False, strict_map_key=True)
+            meta = doc["meta"]
+            arrays = {k: _load_npy(v) for k, v in doc["arrays"].items()}
+            sketch = RaceSketch.from_arrays({k[len("sketch."):]: v for k, v in arrays.items() if k.startswith("sketch.")})
+            reservoir = Reservoir(
+                size=int(meta["reservoir_size"]), seed=int(meta["reservoir_seed"]),
+                priorities=arrays["reservoir.priorities"], embeddings=arrays["reservoir.embeddings"],
+                askllm=arrays["reservoir.askllm"],
+            )
+            return cls(
+                snapshot_id=str(meta["snapshot_id"]),
+                created_at=float(meta["created_at"]),
+                sketch=sketch,
+                quantiles=ScoreQuantiles.from_bytes(doc["quantiles"]),
+                offsets={(str(t), int(p)): int(o) for t, p, o in meta["offsets"]},
+                doc_count=int(meta["doc_count"]),
+                policy_seed=int(meta["policy_seed"]),
+                reservoir=reservoir,
+                ips_constants={str(k): float(v) for k, v in meta["ips_constants"].items()},
+            )
+        except SnapshotCorrupt:
+            raise
+        except Exception as exc:  # a checksummed payload we cannot parse: a writer bug or a format change
+            raise SnapshotCorrupt(f"malformed payload: {type(exc).__name__}: {exc}") from exc
+
+
+def new_snapshot_id(doc_count: int) -> str:
+    """Unique, sortable, safe in file names: UTC time, document count, random suffix."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    return f"{stamp}-{doc_count}-{uuid.uuid4().hex[:8]}"
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(array, order="C"), allow_pickle=False)  # ascontiguousarray would make 0-d arrays 1-d
+    return buf.getvalue()
+
+
+def _load_npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+class SnapshotStore:
+    """A directory of snapshot files; keeps the newest `keep`."""
+
+    def __init__(self, directory: str | os.PathLike, keep: int = 3):
+        if keep < 1:
+            raise ValueError(f"keep must be at least 1, got {keep}")
+        self.directory = Path(directory)
+        self.keep = keep
+        self.corrupt_skipped = 0  # corrupt or truncated files skipped by `latest` (for a metric)
+
+    def list(self) -> list[Path]:
+        """Snapshot files, newest first (by the creation time in the name)."""
+        if not self.directory.is_dir():
+            return []
+        return sorted((p for p in self.directory.iterdir() if _NAME.match(p.name)), key=lambda p: p.name, reverse=True)
+
+    def path_for(self, snapshot: Snapshot) -> Path:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", snapshot.snapshot_id):
+            raise ValueError(f"snapshot id {snapshot.snapshot_id!r} is not safe in a file name")
+        micros = int(round(snapshot.created_at * 1e6))
+        return self.directory / f"snapshot-{micros:020d}-{snapshot.snapshot_id}.sfsnap"
+
+    def write(self, snapshot: Snapshot) -> Path:
+        """Write atomically (temp file, fsync, rename, fsync the directory), then prune old files."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        final = self.path_for(snapshot)
+        tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+        data = snapshot.to_bytes()
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, final)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_directory(self.directory)
+        self._prune()
+        return final
+
+    def load(self, path: str | os.PathLike) -> Snapshot:
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            raise SnapshotCorrupt(f"unreadable: {exc}") from exc
+        return Snapshot.from_bytes(data)
+
+    def latest(self) -> Snapshot | None:
+        """The newest snapshot that loads cleanly; corrupt ones are logged, counted and skipped."""
+        for path in self.list():
+            try:
+                return self.load(path)
+            except SnapshotCorrupt as exc:
+                self.corrupt_skipped += 1
+                log.warning("skipping corrupt snapshot %s: %s", path, exc)
+        return None
+
+    def _prune(self) -> None:
+        for old in self.list()[self.keep:]:
+            old.unlink(missing_ok=True)
+        for stale in self.directory.glob(".snapshot-*.tmp"):  # left by a writer killed mid-write
+            try:
+                if time.time() - stale.stat().st_mtime > _STALE_TMP_S:
+                    stale.unlink(missing_ok=True)
+            except OSError:
+                pass
+
+
+def _fsync_directory(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return  # not supported on this platform
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
