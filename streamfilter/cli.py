@@ -18,6 +18,7 @@ from streamfilter.errors import UserError
 
 COMMAND_MODULES = (
     "streamfilter.broker",
+    "streamfilter.density.cli",
 )
 
 

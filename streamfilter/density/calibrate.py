@@ -1,0 +1,96 @@
+"""Choosing the bandwidth w of the p-stable LSH from a sample of embeddings.
+
+The kernel the sketch estimates is p(d / w)^K, p the p-stable collision probability at
+distance d. The bandwidth decides what "dense" means: too wide and every pair collides (the
+score is nearly constant: sampling degenerates to random), too narrow and only duplicates
+collide (the score is mostly the point itself). We fix the collision probability of a
+*typical random pair* of the sample (at the median pairwise distance) to a small target,
+which makes w scale with the embedding model's geometry (Sentence-T5's embeddings are
+far more concentrated than MiniLM's) and grow with K as it should.
+
+The default target, 1e-4, is what K=8, w=1.0 gives on all-MiniLM-L6-v2 embeddings of the
+Wikipedia summaries, the setting the benchmarks chose (bench/RESULTS.md, "Density sketch").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from streamfilter.density.race import RaceSketch, lsh_kernel
+
+DEFAULT_TARGET_RANDOM_COLLISION = 1e-4
+DEFAULT_NEIGHBOURS = 10
+DEFAULT_SAMPLE = 2000
+
+
+@dataclass(frozen=True)
+class Calibration:
+    k: int
+    width: float
+    sample_size: int
+    near_distance: float  # median distance to the m-th nearest neighbour within the sample
+    random_distance: float  # median distance of random pairs
+    predicted_near: float  # p(near_distance / w)^K
+    predicted_random: float  # p(random_distance / w)^K (= the target)
+    measured_near: float  # fraction of (point, m-th neighbour) row-collisions in a real sketch
+    measured_random: float  # fraction of random-pair row-collisions (includes the 1/B bucket floor)
+    buckets: int
+
+
+def distance_profile(sample: np.ndarray, neighbours: int = DEFAULT_NEIGHBOURS, seed: int = 0
+                     ) -> tuple[float, float, np.ndarray, np.ndarray]:
+    """(median m-th-NN distance, median random-pair distance, near pairs [n, 2], random pairs [n, 2])."""
+    x = np.asarray(sample, dtype=np.float32)
+    n = x.shape[0]
+    if n < neighbours + 2:
+        raise ValueError(f"need at least {neighbours + 2} embeddings to calibrate, got {n}")
+    sq = (x * x).sum(axis=1)
+    d2 = np.maximum(sq[:, None] + sq[None, :] - 2.0 * (x @ x.T), 0.0)
+    np.fill_diagonal(d2, np.inf)
+    nn = np.argpartition(d2, neighbours - 1, axis=1)[:, neighbours - 1]
+    near = np.sqrt(d2[np.arange(n), nn])
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, n, size=n)
+    b = (a + rng.integers(1, n, size=n)) % n  # never a point with itself
+    rand = np.sqrt(d2[a, b])
+    return (float(np.median(near)), float(np.median(rand)),
+            np.stack([np.arange(n), nn], axis=1), np.stack([a, b], axis=1))
+
+
+def width_for_collision(distance: float, k: int, target: float) -> float:
+    """The w with p(distance / w)^K == target (p increases with w, so bisection in log w)."""
+    if not 0.0 < target < 1.0:
+        raise ValueError(f"target collision probability {target} outside (0, 1)")
+    if distance <= 0:
+        raise ValueError("distance must be positive")
+    lo, hi = distance * 1e-4, distance * 1e4
+    for _ in range(200):
+        mid = np.sqrt(lo * hi)
+        if lsh_kernel(distance, mid, k) < target:
+            lo = mid
+        else:
+            hi = mid
+    return float(np.sqrt(lo * hi))
+
+
+def calibrate_width(embeddings: np.ndarray, k: int = 8, *, target_random: float = DEFAULT_TARGET_RANDOM_COLLISION,
+                    neighbours: int = DEFAULT_NEIGHBOURS, sample_size: int = DEFAULT_SAMPLE, rows: int = 200,
+                    buckets: int = 20000, seed: int = 0) -> Calibration:
+    """Recommend w for K from a sample, and measure the collision rates a sketch actually has."""
+    x = np.asarray(embeddings)
+    rng = np.random.default_rng(seed)
+    if x.shape[0] > sample_size:
+        x = x[np.sort(rng.choice(x.shape[0], size=sample_size, replace=False))]
+    near_d, rand_d, near_pairs, rand_pairs = distance_profile(x, neighbours, seed)
+    width = width_for_collision(rand_d, k, target_random)
+    sketch = RaceSketch.create(x.shape[1], rows=rows, buckets=buckets, k=k, width=width, seed=seed)
+    cells = sketch.bucket_indices(x.astype(np.float32))
+    measured_near = float((cells[near_pairs[:, 0]] == cells[near_pairs[:, 1]]).mean())
+    measured_random = float((cells[rand_pairs[:, 0]] == cells[rand_pairs[:, 1]]).mean())
+    return Calibration(
+        k=k, width=width, sample_size=int(x.shape[0]), near_distance=near_d, random_distance=rand_d,
+        predicted_near=float(lsh_kernel(near_d, width, k)), predicted_random=float(lsh_kernel(rand_d, width, k)),
+        measured_near=measured_near, measured_random=measured_random, buckets=buckets,
+    )
