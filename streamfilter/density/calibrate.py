@@ -34,8 +34,8 @@ class Calibration:
     random_distance: float  # median distance of random pairs
     predicted_near: float  # p(near_distance / w)^K
     predicted_random: float  # p(random_distance / w)^K (= the target)
-    measured_near: float  # fraction of (point, m-th neighbour) row-collisions in a real sketch
-    measured_random: float  # fraction of random-pair row-collisions (includes the 1/B bucket floor)
+    measured_near: float  # row-collision rate in a real sketch of pairs within 5% of near_distance
+    measured_random: float  # same for pairs within 5% of random_distance (includes ~1/B of bucket collisions)
     buckets: int
 
 
@@ -52,8 +52,9 @@ def distance_profile(sample: np.ndarray, neighbours: int = DEFAULT_NEIGHBOURS, s
     nn = np.argpartition(d2, neighbours - 1, axis=1)[:, neighbours - 1]
     near = np.sqrt(d2[np.arange(n), nn])
     rng = np.random.default_rng(seed)
-    a = rng.integers(0, n, size=n)
-    b = (a + rng.integers(1, n, size=n)) % n  # never a point with itself
+    pairs = 20 * n
+    a = rng.integers(0, n, size=pairs)
+    b = (a + rng.integers(1, n, size=pairs)) % n  # never a point with itself
     rand = np.sqrt(d2[a, b])
     return (float(np.median(near)), float(np.median(rand)),
             np.stack([np.arange(n), nn], axis=1), np.stack([a, b], axis=1))
@@ -87,8 +88,14 @@ def calibrate_width(embeddings: np.ndarray, k: int = 8, *, target_random: float 
     width = width_for_collision(rand_d, k, target_random)
     sketch = RaceSketch.create(x.shape[1], rows=rows, buckets=buckets, k=k, width=width, seed=seed)
     cells = sketch.bucket_indices(x.astype(np.float32))
-    measured_near = float((cells[near_pairs[:, 0]] == cells[near_pairs[:, 1]]).mean())
-    measured_random = float((cells[rand_pairs[:, 0]] == cells[rand_pairs[:, 1]]).mean())
+    xf = x.astype(np.float64)
+
+    def measured(pairs: np.ndarray, at: float) -> float:
+        dist = np.linalg.norm(xf[pairs[:, 0]] - xf[pairs[:, 1]], axis=1)
+        band = pairs[np.abs(dist - at) <= 0.05 * at]  # pairs at about the median distance
+        return float((cells[band[:, 0]] == cells[band[:, 1]]).mean()) if len(band) else float("nan")
+
+    measured_near, measured_random = measured(near_pairs, near_d), measured(rand_pairs, rand_d)
     return Calibration(
         k=k, width=width, sample_size=int(x.shape[0]), near_distance=near_d, random_distance=rand_d,
         predicted_near=float(lsh_kernel(near_d, width, k)), predicted_random=float(lsh_kernel(rand_d, width, k)),

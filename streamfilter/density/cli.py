@@ -61,5 +61,6 @@ def run_calibrate(args: argparse.Namespace) -> int:
         print(f"{k:>3} {c.width:8.4f} {c.near_distance:7.4f} {c.random_distance:7.4f} {c.predicted_near:9.2e} "
               f"{c.predicted_random:9.2e} {c.measured_near:9.2e} {c.measured_random:9.2e}")
     print("p_*: predicted K-tuple collision probability at the median distance; meas_*: fraction of sketch rows "
-          f"where the pairs share a bucket (includes ~1/B = {1 / args.buckets:.1e} of bucket collisions).")
+          "in which pairs at that distance (+-5%) share a bucket "
+          f"(includes ~1/B = {1 / args.buckets:.1e} of bucket collisions).")
     return 0
