@@ -19,6 +19,7 @@ from streamfilter.errors import UserError
 COMMAND_MODULES = (
     "streamfilter.broker",
     "streamfilter.density.cli",
+    "streamfilter.daemon",
 )
 
 

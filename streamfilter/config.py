@@ -1,0 +1,268 @@
+"""The one configuration object: TOML file, then STREAMFILTER_* environment, then CLI flags.
+
+Validated once at start-up; every error names the field (`section.key`). Nothing else in
+the package reads settings from the environment.
+
+    [kafka]   bootstrap_servers, client settings passed through (security_protocol, sasl_*, ssl_*)
+    [topics]  raw, scored, accepted, rejected ("" = do not write rejected), dlq
+    ...
+
+Environment: STREAMFILTER_<SECTION>_<KEY>, e.g. STREAMFILTER_POLICY_KEEP_RATE=0.2,
+STREAMFILTER_KAFKA_BOOTSTRAP_SERVERS=broker:9092. CLI: `--set section.key=value`
+(repeatable) and the few named flags each command offers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from streamfilter.errors import ConfigError
+
+ENV_PREFIX = "STREAMFILTER_"
+
+# kafka-python client settings that may be passed through verbatim (security and tuning).
+KAFKA_PASSTHROUGH = {
+    "security_protocol", "sasl_mechanism", "sasl_plain_username", "sasl_plain_password",
+    "sasl_kerberos_service_name", "sasl_kerberos_domain_name", "sasl_oauth_token_provider",
+    "ssl_cafile", "ssl_certfile", "ssl_keyfile", "ssl_password", "ssl_check_hostname", "ssl_crlfile",
+    "ssl_ciphers", "client_id", "request_timeout_ms", "retry_backoff_ms", "reconnect_backoff_ms",
+    "reconnect_backoff_max_ms", "connections_max_idle_ms", "metadata_max_age_ms", "api_version",
+}
+
+
+@dataclass
+class KafkaConfig:
+    bootstrap_servers: str = "127.0.0.1:9092"
+    # Stable per process across restarts: the transactional id is derived from it, so a
+    # restarted daemon fences its crashed predecessor's open transaction at once.
+    instance_id: str = field(default_factory=socket.gethostname)
+    group_prefix: str = "streamfilter"
+    session_timeout_ms: int = 10_000
+    heartbeat_interval_ms: int = 3_000
+    transaction_timeout_ms: int = 30_000
+    max_poll_records: int = 500
+    fetch_max_bytes: int = 52_428_800
+    client: dict[str, typing.Any] = field(default_factory=dict)  # passthrough, see KAFKA_PASSTHROUGH
+
+
+@dataclass
+class TopicsConfig:
+    raw: str = "crawl.raw"
+    scored: str = "crawl.scored"
+    accepted: str = "crawl.accepted"
+    rejected: str = "crawl.rejected"  # "" to drop rejected documents (they are still counted)
+    dlq: str = "crawl.dlq"
+    partitions: int = 4  # used when streamfilter creates a missing topic
+
+
+@dataclass
+class ModelsConfig:
+    askllm: str = "onnx_models/flan-t5-small"
+    embedder: str = "onnx_models/sentence-t5-base"
+    max_tokens: int = 512
+    variant: str = "auto"  # auto | fp32 | int8
+    intra_op_threads: int = 0  # 0 = onnxruntime's default
+    inference_batch_docs: int = 32
+
+
+@dataclass
+class BatchConfig:
+    max_batch_docs: int = 256
+    max_wait_ms: int = 500
+
+
+@dataclass
+class RecordsConfig:
+    max_doc_bytes: int = 1_048_576  # larger raw values go to the DLQ as too_large
+
+
+@dataclass
+class SketchConfig:
+    rows: int = 1000  # paper: R=1000
+    buckets: int = 20000  # paper: B=20000
+    k: int = 0  # 0 = the density package's measured default
+    width: float = 0.0  # 0 = the density package's measured default
+    hash_seed: int = 0
+    reservoir_size: int = 0  # 0 = the density package's default
+    snapshot_dir: str = ".cache/snapshots"
+    snapshot_interval_s: float = 30.0
+    keep_snapshots: int = 3
+
+
+@dataclass
+class PolicyConfig:
+    name: str = "askllm+density"
+    keep_rate: float = 0.2
+    quality_keep: float = 0.5  # askllm+density: fraction passing the quality gate
+    seed: int = 0
+
+
+@dataclass
+class RouteConfig:
+    emit_rejected: bool = True
+    min_snapshot_docs: int = 1  # wait for a snapshot covering at least this many documents
+    snapshot_poll_s: float = 5.0
+
+
+@dataclass
+class DaemonConfig:
+    metrics_port: int = 9308  # 0 = no HTTP server
+    metrics_host: str = "127.0.0.1"
+    shutdown_timeout_s: float = 30.0
+    retry_backoff_max_s: float = 30.0
+
+
+@dataclass
+class Config:
+    kafka: KafkaConfig = field(default_factory=KafkaConfig)
+    topics: TopicsConfig = field(default_factory=TopicsConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    records: RecordsConfig = field(default_factory=RecordsConfig)
+    sketch: SketchConfig = field(default_factory=SketchConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    route: RouteConfig = field(default_factory=RouteConfig)
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+
+    def kafka_client_settings(self) -> dict[str, typing.Any]:
+        return {"bootstrap_servers": self.kafka.bootstrap_servers.split(","), **self.kafka.client}
+
+    def group(self, stage: str) -> str:
+        return f"{self.kafka.group_prefix}.{stage}"
+
+    def transactional_id(self, stage: str) -> str:
+        return f"{self.kafka.group_prefix}.{stage}.{self.kafka.instance_id}"
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+
+
+def load_config(
+    path: str | os.PathLike | None = None,
+    env: typing.Mapping[str, str] | None = None,
+    overrides: typing.Sequence[str] = (),
+) -> Config:
+    """Build and validate the configuration: defaults < TOML file < environment < `section.key=value` overrides."""
+    config = Config()
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        for section, values in data.items():
+            if not isinstance(values, dict):
+                raise ConfigError(f"{section}: expected a [{section}] table")
+            for key, value in values.items():
+                _set(config, section, key, value, source=str(path))
+    for name, value in sorted((env if env is not None else os.environ).items()):
+        if name.startswith(ENV_PREFIX):
+            section, _, key = name[len(ENV_PREFIX):].lower().partition("_")
+            _set(config, section, key, value, source=name)
+    for item in overrides:
+        dotted, sep, value = item.partition("=")
+        section, _, key = dotted.strip().partition(".")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
+        _set(config, section, key, value, source="--set")
+    validate(config)
+    return config
+
+
+def _set(config: Config, section: str, key: str, value: typing.Any, source: str) -> None:
+    if section not in SECTIONS:
+        raise ConfigError(f"{section}.{key} ({source}): unknown section {section!r}; known: {', '.join(SECTIONS)}")
+    target = getattr(config, section)
+    if section == "kafka" and key in KAFKA_PASSTHROUGH:
+        target.client[key] = _coerce(value, typing.Any, f"kafka.{key}")
+        return
+    fields = {f.name: f for f in dataclasses.fields(target)}
+    if key not in fields or key == "client":
+        raise ConfigError(f"{section}.{key} ({source}): unknown setting; known: {', '.join(sorted(fields))}")
+    hints = typing.get_type_hints(type(target))
+    setattr(target, key, _coerce(value, hints[key], f"{section}.{key}"))
+
+
+def _coerce(value: typing.Any, kind: typing.Any, name: str) -> typing.Any:
+    """Convert strings from the environment or CLI to the field's type; check TOML values' types."""
+    if kind is typing.Any:
+        if isinstance(value, str):
+            low = value.lower()
+            if low in ("true", "false"):
+                return low == "true"
+            try:
+                return int(value)
+            except ValueError:
+                return value
+        return value
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+                return value.lower() in ("true", "1", "yes")
+            raise ValueError
+        if kind is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if kind is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if kind is str:
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise ValueError
+            return str(value)
+    except (TypeError, ValueError):
+        pass
+    else:
+        return value
+    raise ConfigError(f"{name}: expected {getattr(kind, '__name__', kind)}, got {value!r}")
+
+
+def validate(config: Config) -> None:
+    """Range checks that types cannot express; each error names its field."""
+
+    def check(ok: bool, name: str, message: str) -> None:
+        if not ok:
+            raise ConfigError(f"{name}: {message}, got {_lookup(config, name)!r}")
+
+    check(bool(config.kafka.bootstrap_servers.strip()), "kafka.bootstrap_servers", "must name at least one broker")
+    check(bool(config.kafka.instance_id.strip()), "kafka.instance_id", "must not be empty")
+    for name in ("raw", "scored", "accepted", "dlq"):
+        check(bool(getattr(config.topics, name).strip()), f"topics.{name}", "must not be empty")
+    check(config.topics.partitions >= 1, "topics.partitions", "must be >= 1")
+    check(config.models.max_tokens >= 64, "models.max_tokens", "must be >= 64 (the prompt alone takes ~60 tokens)")
+    check(config.models.variant in ("auto", "fp32", "int8"), "models.variant", "must be auto, fp32 or int8")
+    check(config.models.inference_batch_docs >= 1, "models.inference_batch_docs", "must be >= 1")
+    check(config.batch.max_batch_docs >= 1, "batch.max_batch_docs", "must be >= 1")
+    check(config.batch.max_wait_ms >= 0, "batch.max_wait_ms", "must be >= 0")
+    check(config.records.max_doc_bytes >= 64, "records.max_doc_bytes", "must be >= 64")
+    check(config.sketch.rows >= 1, "sketch.rows", "must be >= 1")
+    check(config.sketch.buckets >= 2, "sketch.buckets", "must be >= 2")
+    check(config.sketch.k >= 0, "sketch.k", "must be >= 0 (0 = default)")
+    check(config.sketch.width >= 0, "sketch.width", "must be >= 0 (0 = default)")
+    check(config.sketch.snapshot_interval_s > 0, "sketch.snapshot_interval_s", "must be > 0")
+    check(config.sketch.keep_snapshots >= 1, "sketch.keep_snapshots", "must be >= 1")
+    check(0 < config.policy.keep_rate <= 1, "policy.keep_rate", "must be in (0, 1]")
+    check(0 < config.policy.quality_keep <= 1, "policy.quality_keep", "must be in (0, 1]")
+    check(config.route.min_snapshot_docs >= 1, "route.min_snapshot_docs", "must be >= 1")
+    check(config.daemon.shutdown_timeout_s > 0, "daemon.shutdown_timeout_s", "must be > 0")
+    check(0 <= config.daemon.metrics_port < 65536, "daemon.metrics_port", "must be a port number (0 = off)")
+    from streamfilter.density.policy import build_policy
+
+    build_policy(config.policy.name, config.policy.keep_rate, quality_keep=config.policy.quality_keep,
+                 seed=config.policy.seed)  # raises ConfigError naming policy.name for an unknown policy
+
+
+def _lookup(config: Config, dotted: str) -> typing.Any:
+    section, key = dotted.split(".")
+    return getattr(getattr(config, section), key)

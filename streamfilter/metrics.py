@@ -1,0 +1,123 @@
+"""Prometheus metrics and the daemon's HTTP endpoints (/metrics, /ready, /live).
+
+Conventions: base units, `_total` counters, `_seconds` histograms, labels of bounded
+cardinality only (stage, outcome, reason, policy, model, topic, partition).
+"""
+
+from __future__ import annotations
+
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+DOCUMENTS = Counter(
+    "streamfilter_documents_total", "Documents handled, by stage and outcome "
+    "(score: scored|dlq; route: accepted|rejected|dlq; sketch: counted|skipped).",
+    ["stage", "outcome"], registry=REGISTRY)
+DLQ = Counter("streamfilter_dlq_documents_total", "Documents sent to the dead-letter topic, by reason.",
+              ["stage", "reason"], registry=REGISTRY)
+BATCH_DOCUMENTS = Histogram(
+    "streamfilter_batch_documents", "Documents per micro-batch.", ["stage"], registry=REGISTRY,
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048))
+INFERENCE_SECONDS = Histogram(
+    "streamfilter_inference_seconds", "Model inference time per micro-batch.", ["model"], registry=REGISTRY,
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+BATCH_SECONDS = Histogram(
+    "streamfilter_batch_seconds", "Time from a micro-batch's poll to its transaction's commit.", ["stage"],
+    registry=REGISTRY, buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+ASKLLM_SCORE = Histogram(
+    "streamfilter_askllm_score", "Ask-LLM P(yes) of scored documents.", registry=REGISTRY,
+    buckets=tuple(i / 20 for i in range(1, 21)))
+DENSITY_SCORE = Histogram(
+    "streamfilter_density_score", "Debiased RACE density score of routed documents.", registry=REGISTRY,
+    buckets=(0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30, 100, 300, 1000, 3000, 10000))
+KEEP_PROBABILITY = Histogram(
+    "streamfilter_keep_probability", "The policy's keep probability of routed documents.", ["policy"],
+    registry=REGISTRY, buckets=tuple(i / 10 for i in range(1, 11)))
+ACCEPT_RATE_TARGET = Gauge("streamfilter_accept_rate_target", "The policy's target keep rate.", ["policy"],
+                           registry=REGISTRY)
+DECISIONS = Counter("streamfilter_decisions_total", "Route decisions by policy and decision.",
+                    ["policy", "decision"], registry=REGISTRY)
+CONSUMER_LAG = Gauge("streamfilter_consumer_lag_records", "High watermark minus position, per input partition.",
+                     ["stage", "topic", "partition"], registry=REGISTRY)
+SKETCH_DOCUMENTS = Gauge("streamfilter_sketch_documents", "Documents counted in the density sketch.",
+                         registry=REGISTRY)
+SNAPSHOT_TIMESTAMP = Gauge(
+    "streamfilter_snapshot_timestamp_seconds", "Creation time (unix) of the newest snapshot written or loaded.",
+    ["stage"], registry=REGISTRY)
+SNAPSHOTS_WRITTEN = Counter("streamfilter_snapshots_written_total", "Snapshots written.", registry=REGISTRY)
+SNAPSHOTS_CORRUPT = Counter("streamfilter_snapshots_corrupt_total",
+                            "Snapshot files skipped because their checksum or format was bad.", registry=REGISTRY)
+TRANSACTIONS = Counter("streamfilter_transactions_total", "Kafka transactions by stage and outcome.",
+                       ["stage", "outcome"], registry=REGISTRY)
+BATCHES_DROPPED = Counter(
+    "streamfilter_batches_dropped_total",
+    "In-flight micro-batches dropped unproduced (rebalance or a failed transaction); re-read from Kafka.",
+    ["stage", "cause"], registry=REGISTRY)
+BROKER_UP = Gauge("streamfilter_broker_up", "1 while the stage's last Kafka call succeeded, else 0.", ["stage"],
+                  registry=REGISTRY)
+RETRIES = Counter("streamfilter_kafka_retries_total", "Kafka operations retried after an error.", ["stage"],
+                  registry=REGISTRY)
+READY = Gauge("streamfilter_ready", "1 when the stage is processing (models loaded, assigned, snapshot found).",
+              ["stage"], registry=REGISTRY)
+
+
+class Readiness:
+    """Stages report themselves ready; /ready answers 200 when all registered stages are."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._stages: dict[str, bool] = {}
+
+    def register(self, stage: str) -> None:
+        with self._lock:
+            self._stages.setdefault(stage, False)
+        READY.labels(stage).set(0)
+
+    def set(self, stage: str, ready: bool) -> None:
+        with self._lock:
+            self._stages[stage] = ready
+        READY.labels(stage).set(1 if ready else 0)
+
+    def ready(self) -> tuple[bool, dict[str, bool]]:
+        with self._lock:
+            stages = dict(self._stages)
+        return bool(stages) and all(stages.values()), stages
+
+
+READINESS = Readiness()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802 - http.server's name
+        if self.path.startswith("/metrics"):
+            self._send(200, generate_latest(REGISTRY), CONTENT_TYPE_LATEST)
+        elif self.path.startswith("/ready"):
+            ok, stages = READINESS.ready()
+            body = "".join(f"{name} {'ready' if r else 'not ready'}\n" for name, r in sorted(stages.items()))
+            self._send(200 if ok else 503, body.encode(), "text/plain; charset=utf-8")
+        elif self.path.startswith("/live"):
+            self._send(200, b"ok\n", "text/plain; charset=utf-8")
+        else:
+            self._send(404, b"not found: try /metrics, /ready or /live\n", "text/plain; charset=utf-8")
+
+    def _send(self, status: int, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format, *args):  # noqa: A002 - keep scrapes out of the logs
+        pass
+
+
+def serve_http(host: str, port: int) -> ThreadingHTTPServer:
+    """Start /metrics, /ready and /live on a daemon thread; returns the server (call .shutdown())."""
+    server = ThreadingHTTPServer((host, port), _Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
+    return server
