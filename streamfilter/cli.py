@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "streamfilter.broker",
     "streamfilter.density.cli",
     "streamfilter.daemon",
+    "streamfilter.models.cli",
 )
 
 

@@ -1,0 +1,361 @@
+"""ONNX graph surgery on optimum's exports (export time only; needs `onnx`).
+
+- `askllm_graph`: optimum's T5 encoder and decoder graphs joined into one graph
+  `(input_ids, attention_mask) -> log_probs [batch, 2]`: the decoder input is the
+  decoder start token made inside the graph, and the graph ends in a full-vocabulary
+  log-softmax evaluated only at the "yes" and "no" ids (log-sum-exp and a gather), so
+  no [batch, vocab] logits ever leave the device.
+- `embedder_graph`: a sentence-transformers module list (pooling, Dense, Normalize)
+  appended to the exported transformer's token embeddings.
+- `dedupe_initializers`, `quantize_int8`, `mixed_precision`: variants.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from streamfilter.errors import UserError
+
+ASKLLM_OUTPUT = "log_probs"
+EMBEDDER_OUTPUT = "sentence_embedding"
+# Protobuf cannot hold more than 2 GB: larger models keep weights in a side file.
+EXTERNAL_DATA_THRESHOLD_BYTES = 1_800_000_000
+
+
+def _replace(repeated, items) -> None:
+    """Set a protobuf repeated field to `items` (copied first: deleting detaches the originals)."""
+    copies = []
+    for item in items:
+        c = type(item)()
+        c.CopyFrom(item)
+        copies.append(c)
+    del repeated[:]
+    repeated.extend(copies)
+
+
+def _const(graph: onnx.GraphProto, name: str, array: np.ndarray) -> str:
+    graph.initializer.append(numpy_helper.from_array(np.asarray(array), name))
+    return name
+
+
+def _only(graph_io, name: str, what: str):
+    found = [v for v in graph_io if v.name == name]
+    if not found:
+        raise UserError(f"exported {what} graph has no {name!r} (has {', '.join(v.name for v in graph_io)})")
+    return found[0]
+
+
+def askllm_graph(encoder: onnx.ModelProto, decoder: onnx.ModelProto, *, decoder_start_token_id: int,
+                 yes_token_id: int, no_token_id: int) -> onnx.ModelProto:
+    """One graph: encoder, one decoder step from the start token, log-softmax at [yes, no]."""
+    _only(encoder.graph.input, "input_ids", "encoder")
+    _only(encoder.graph.input, "attention_mask", "encoder")
+    _only(encoder.graph.output, "last_hidden_state", "encoder")
+    for name in ("input_ids", "encoder_hidden_states", "encoder_attention_mask"):
+        _only(decoder.graph.input, name, "decoder")
+    _only(decoder.graph.output, "logits", "decoder")
+    if {o.domain: o.version for o in encoder.opset_import} != {o.domain: o.version for o in decoder.opset_import}:
+        raise UserError("encoder and decoder graphs were exported with different opsets")
+
+    dec = onnx.compose.add_prefix(decoder, "decoder/")
+    model = onnx.ModelProto()
+    model.CopyFrom(encoder)
+    g = model.graph
+    g.name = "askllm"
+    del g.output[:]
+    g.initializer.extend(dec.graph.initializer)
+    g.value_info.extend(dec.graph.value_info)
+
+    # Decoder inputs made inside the graph: [batch, 1] start tokens, the encoder's mask and states.
+    _const(g, "askllm/one", np.array([1], dtype=np.int64))
+    _const(g, "askllm/zero_to_one_start", np.array([0], dtype=np.int64))
+    g.node.extend([
+        helper.make_node("Shape", ["input_ids"], ["askllm/input_shape"], name="askllm/Shape"),
+        helper.make_node("Slice", ["askllm/input_shape", "askllm/zero_to_one_start", "askllm/one"],
+                         ["askllm/batch"], name="askllm/Slice"),
+        helper.make_node("Concat", ["askllm/batch", "askllm/one"], ["askllm/start_shape"], axis=0, name="askllm/Concat"),
+        helper.make_node("ConstantOfShape", ["askllm/start_shape"], ["decoder/input_ids"], name="askllm/StartTokens",
+                         value=numpy_helper.from_array(np.array([decoder_start_token_id], dtype=np.int64))),
+        helper.make_node("Identity", ["attention_mask"], ["decoder/encoder_attention_mask"], name="askllm/Mask"),
+        helper.make_node("Identity", ["last_hidden_state"], ["decoder/encoder_hidden_states"], name="askllm/States"),
+    ])
+    g.node.extend(dec.graph.node)
+    # log P(token) = logit[token] - logsumexp(logits), in fp32 whatever the graph's dtype.
+    _const(g, "askllm/vocab_axis", np.array([-1], dtype=np.int64))
+    _const(g, "askllm/yes_no", np.array([yes_token_id, no_token_id], dtype=np.int64))
+    _const(g, "askllm/step_axis", np.array([1], dtype=np.int64))
+    g.node.extend([
+        helper.make_node("Cast", ["decoder/logits"], ["askllm/logits32"], to=TensorProto.FLOAT, name="askllm/Cast"),
+        # max + log(sum(exp(x - max))) spelled out: ORT's ReduceLogSumExp was measured
+        # 6e-4 off in log space on a 32k vocabulary, larger than the parity budget.
+        helper.make_node("ReduceMax", ["askllm/logits32", "askllm/vocab_axis"], ["askllm/max"], keepdims=1,
+                         name="askllm/Max"),
+        helper.make_node("Sub", ["askllm/logits32", "askllm/max"], ["askllm/shifted"], name="askllm/Shift"),
+        helper.make_node("Exp", ["askllm/shifted"], ["askllm/exp"], name="askllm/Exp"),
+        helper.make_node("ReduceSum", ["askllm/exp", "askllm/vocab_axis"], ["askllm/sum"], keepdims=1,
+                         name="askllm/Sum"),
+        helper.make_node("Log", ["askllm/sum"], ["askllm/log_sum"], name="askllm/Log"),
+        helper.make_node("Add", ["askllm/max", "askllm/log_sum"], ["askllm/lse"], name="askllm/LogSumExp"),
+        helper.make_node("Gather", ["askllm/logits32", "askllm/yes_no"], ["askllm/yes_no_logits"], axis=2,
+                         name="askllm/GatherYesNo"),
+        helper.make_node("Sub", ["askllm/yes_no_logits", "askllm/lse"], ["askllm/log_probs3"], name="askllm/Sub"),
+        helper.make_node("Squeeze", ["askllm/log_probs3", "askllm/step_axis"], [ASKLLM_OUTPUT], name="askllm/Squeeze"),
+    ])
+    g.output.append(helper.make_tensor_value_info(ASKLLM_OUTPUT, TensorProto.FLOAT, ["batch_size", 2]))
+    model = prune(model, ["input_ids", "attention_mask"], [ASKLLM_OUTPUT])
+    onnx.checker.check_model(model, full_check=False)
+    return model
+
+
+@dataclass(frozen=True)
+class DenseLayer:
+    weight: np.ndarray  # [out, in], as torch.nn.Linear stores it
+    bias: np.ndarray | None
+    activation: str  # "identity" | "tanh"
+
+
+POOLING_MODES = ("cls", "max", "mean", "mean_sqrt_len_tokens")  # sentence-transformers' concatenation order
+
+
+def embedder_graph(transformer: onnx.ModelProto, *, token_output: str, pooling_modes: Sequence[str],
+                   dense: Sequence[DenseLayer]) -> onnx.ModelProto:
+    """Token embeddings → masked pooling → Dense layers → L2 normalisation, as one graph.
+
+    Output `sentence_embedding` [batch, dim] float32, unit L2 norm.
+    """
+    _only(transformer.graph.output, token_output, "transformer")
+    for mode in pooling_modes:
+        if mode not in POOLING_MODES:
+            raise UserError(f"pooling mode {mode!r} is not supported (supported: {', '.join(POOLING_MODES)})")
+    model = onnx.ModelProto()
+    model.CopyFrom(transformer)
+    g = model.graph
+    del g.output[:]
+    nodes = g.node
+    p = "head/"
+    _const(g, p + "seq_axis", np.array([1], dtype=np.int64))
+    _const(g, p + "last_axis", np.array([-1], dtype=np.int64))
+    _const(g, p + "eps_count", np.array(1e-9, dtype=np.float32))
+    _const(g, p + "eps_norm", np.array(1e-12, dtype=np.float32))
+    _const(g, p + "neg_big", np.array(-1e9, dtype=np.float32))
+    nodes.extend([
+        helper.make_node("Cast", [token_output], [p + "tokens"], to=TensorProto.FLOAT),
+        helper.make_node("Cast", ["attention_mask"], [p + "mask_f"], to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", [p + "mask_f", p + "last_axis"], [p + "mask3"]),
+    ])
+    pooled = []
+    if "cls" in pooling_modes:
+        _const(g, p + "zero", np.array(0, dtype=np.int64))
+        nodes.append(helper.make_node("Gather", [p + "tokens", p + "zero"], [p + "cls"], axis=1))
+        pooled.append(p + "cls")
+    if "max" in pooling_modes:
+        nodes.extend([
+            helper.make_node("Cast", [p + "mask3"], [p + "mask_bool"], to=TensorProto.BOOL),
+            helper.make_node("Where", [p + "mask_bool", p + "tokens", p + "neg_big"], [p + "masked_for_max"]),
+            helper.make_node("ReduceMax", [p + "masked_for_max", p + "seq_axis"], [p + "max"], keepdims=0),
+        ])
+        pooled.append(p + "max")
+    if "mean" in pooling_modes or "mean_sqrt_len_tokens" in pooling_modes:
+        nodes.extend([
+            helper.make_node("Mul", [p + "tokens", p + "mask3"], [p + "masked"]),
+            helper.make_node("ReduceSum", [p + "masked", p + "seq_axis"], [p + "sum"], keepdims=0),
+            helper.make_node("ReduceSum", [p + "mask3", p + "seq_axis"], [p + "count_raw"], keepdims=0),
+            helper.make_node("Max", [p + "count_raw", p + "eps_count"], [p + "count"]),
+        ])
+        if "mean" in pooling_modes:
+            nodes.append(helper.make_node("Div", [p + "sum", p + "count"], [p + "mean"]))
+            pooled.append(p + "mean")
+        if "mean_sqrt_len_tokens" in pooling_modes:
+            nodes.extend([
+                helper.make_node("Sqrt", [p + "count"], [p + "sqrt_count"]),
+                helper.make_node("Div", [p + "sum", p + "sqrt_count"], [p + "mean_sqrt"]),
+            ])
+            pooled.append(p + "mean_sqrt")
+    x = pooled[0]
+    if len(pooled) > 1:
+        nodes.append(helper.make_node("Concat", pooled, [p + "pooled"], axis=1))
+        x = p + "pooled"
+    for i, layer in enumerate(dense):
+        w = _const(g, f"{p}dense{i}/weight_t", np.ascontiguousarray(layer.weight.T.astype(np.float32)))
+        nodes.append(helper.make_node("MatMul", [x, w], [f"{p}dense{i}/matmul"]))
+        x = f"{p}dense{i}/matmul"
+        if layer.bias is not None:
+            b = _const(g, f"{p}dense{i}/bias", layer.bias.astype(np.float32))
+            nodes.append(helper.make_node("Add", [x, b], [f"{p}dense{i}/add"]))
+            x = f"{p}dense{i}/add"
+        if layer.activation == "tanh":
+            nodes.append(helper.make_node("Tanh", [x], [f"{p}dense{i}/tanh"]))
+            x = f"{p}dense{i}/tanh"
+        elif layer.activation != "identity":
+            raise UserError(f"Dense activation {layer.activation!r} is not supported (identity, tanh)")
+    # torch.nn.functional.normalize: x / max(||x||_2, eps)
+    nodes.extend([
+        helper.make_node("ReduceL2", [x, p + "last_axis"], [p + "norm_raw"], keepdims=1),
+        helper.make_node("Max", [p + "norm_raw", p + "eps_norm"], [p + "norm"]),
+        helper.make_node("Div", [x, p + "norm"], [EMBEDDER_OUTPUT]),
+    ])
+    g.output.append(helper.make_tensor_value_info(EMBEDDER_OUTPUT, TensorProto.FLOAT, ["batch_size", None]))
+    model = prune(model, ["input_ids", "attention_mask"], [EMBEDDER_OUTPUT])
+    onnx.checker.check_model(model, full_check=False)
+    return model
+
+
+def prune(model: onnx.ModelProto, inputs: Sequence[str], outputs: Sequence[str]) -> onnx.ModelProto:
+    """Keep only the nodes and initializers on a path from `inputs` to `outputs`."""
+    g = model.graph
+    producer = {out: idx for idx, n in enumerate(g.node) for out in n.output}
+    needed_values, kept, stack = set(outputs), set(), list(outputs)
+    while stack:
+        idx = producer.get(stack.pop())
+        if idx is None or idx in kept:
+            continue
+        kept.add(idx)
+        for name in g.node[idx].input:
+            if name and name not in needed_values:
+                needed_values.add(name)
+                stack.append(name)
+    nodes = [n for idx, n in enumerate(g.node) if idx in kept]  # original (topological) order
+    _replace(g.node, nodes)
+    inits = [i for i in g.initializer if i.name in needed_values]
+    _replace(g.initializer, inits)
+    graph_inputs = [i for i in g.input if i.name in inputs]
+    _replace(g.input, graph_inputs)
+    vi = [v for v in g.value_info if v.name in needed_values]
+    _replace(g.value_info, vi)
+    return model
+
+
+def dedupe_initializers(model: onnx.ModelProto, min_bytes: int = 1024) -> int:
+    """Merge byte-identical initializers (T5's encoder and decoder graphs each carry the shared
+    embedding). Returns the number of bytes saved."""
+    g = model.graph
+    seen: dict[tuple, str] = {}
+    rename: dict[str, str] = {}
+    keep, saved = [], 0
+    for init in g.initializer:
+        raw = init.raw_data if init.HasField("raw_data") else numpy_helper.to_array(init).tobytes()
+        if len(raw) < min_bytes:
+            keep.append(init)
+            continue
+        key = (init.data_type, tuple(init.dims), hashlib.sha256(raw).digest())
+        if key in seen:
+            rename[init.name] = seen[key]
+            saved += len(raw)
+        else:
+            seen[key] = init.name
+            keep.append(init)
+    if not rename:
+        return 0
+    _replace(g.initializer, keep)
+    for node in g.node:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+    return saved
+
+
+def save_model(model: onnx.ModelProto, path: Path) -> list[str]:
+    """Save `model`; above ~2 GB the weights go to `<name>_data`. Returns the file names written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if model.ByteSize() > EXTERNAL_DATA_THRESHOLD_BYTES:
+        data_name = path.name + "_data"
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data_name, size_threshold=1024)
+        return [path.name, data_name]
+    onnx.save_model(model, str(path))
+    return [path.name]
+
+
+def lm_head_nodes(model: onnx.ModelProto, vocab_size: int) -> list[str]:
+    """Names of MatMul nodes whose weight has a vocabulary-sized output dimension (the LM head)."""
+    shapes = {i.name: tuple(i.dims) for i in model.graph.initializer}
+    return [n.name for n in model.graph.node
+            if n.op_type == "MatMul" and any(shapes.get(x, (None,))[-1] == vocab_size for x in n.input)]
+
+
+def quantize_int8(src: Path, dst: Path, *, exclude_nodes: Sequence[str] = ()) -> list[str]:
+    """Dynamic int8 quantization (weights int8, activations quantized per batch at run time) for CPU.
+
+    Only weight MatMuls (and embedding Gathers) are quantized; attention score matmuls and
+    the nodes in `exclude_nodes` (the LM head: it sets the full-vocabulary normaliser)
+    stay fp32.
+    """
+    import logging
+
+    big = src.stat().st_size > EXTERNAL_DATA_THRESHOLD_BYTES
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.ERROR))  # the quantizer logs one INFO line per tensor on the root logger
+    try:
+        _quantize(src, dst, exclude_nodes, big)
+    finally:
+        root.setLevel(level)
+    return [dst.name] + ([dst.name + ".data"] if (dst.parent / (dst.name + ".data")).exists() else [])
+
+
+def _quantize(src: Path, dst: Path, exclude_nodes: Sequence[str], big: bool) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(
+        model_input=str(src), model_output=str(dst), weight_type=QuantType.QInt8, per_channel=False,
+        op_types_to_quantize=["MatMul", "Gather"], nodes_to_exclude=list(exclude_nodes),
+        use_external_data_format=big, extra_options={"MatMulConstBOnly": True},
+    )
+
+
+# Matmuls that may run in 16-bit: attention projections and the feed-forward input. T5's
+# activations overflow fp16 in the feed-forward output projection `wo` and in the residual
+# stream it feeds (the reason transformers keeps `wo` in fp32), so those, the norms and the
+# softmaxes stay fp32.
+HALF_MATMUL = re.compile(r"/(SelfAttention|EncDecAttention)/(q|k|v|o)/MatMul$|/DenseReluDense/wi(_0|_1)?/MatMul$")
+
+
+def mixed_precision(model: onnx.ModelProto, dtype: str = "float16", pattern: re.Pattern = HALF_MATMUL) -> tuple[onnx.ModelProto, int]:
+    """Copy of `model` where weight MatMuls whose node name matches `pattern` run in `dtype`
+    ("float16" or "bfloat16"), with casts around them; everything else stays fp32.
+    Returns the model and the number of MatMuls converted."""
+    to = {"float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16}[dtype]
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    inits = {i.name: i for i in g.initializer}
+    new_nodes, converted = [], 0
+    half_weights: dict[str, str] = {}
+    for node in g.node:
+        weight = next((x for x in node.input if x in inits), None)
+        if node.op_type != "MatMul" or weight is None or not pattern.search(node.name):
+            new_nodes.append(node)
+            continue
+        if weight not in half_weights:
+            w32 = numpy_helper.to_array(inits[weight]).astype(np.float32)
+            half_name = f"{weight}/{dtype}"
+            if dtype == "float16":
+                g.initializer.append(numpy_helper.from_array(w32.astype(np.float16), half_name))
+            else:
+                bits = w32.view(np.uint32).astype(np.uint64)
+                rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)  # round to nearest even
+                t = helper.make_tensor(half_name, TensorProto.BFLOAT16, w32.shape, rounded.tobytes(), raw=True)
+                g.initializer.append(t)
+            half_weights[weight] = half_name
+        data_in = node.input[0] if node.input[1] == weight else node.input[1]
+        cast_in, mm_out = f"{node.name}/cast_in", f"{node.name}/half_out"
+        inputs = [cast_in, half_weights[weight]] if node.input[1] == weight else [half_weights[weight], cast_in]
+        new_nodes.append(helper.make_node("Cast", [data_in], [cast_in], to=to, name=f"{node.name}/CastIn"))
+        new_nodes.append(helper.make_node("MatMul", inputs, [mm_out], name=node.name))
+        new_nodes.append(helper.make_node("Cast", [mm_out], [node.output[0]], to=TensorProto.FLOAT, name=f"{node.name}/CastOut"))
+        converted += 1
+    _replace(g.node, new_nodes)
+    # fp32 weights now unused by any node are dropped.
+    used = {x for n in g.node for x in n.input}
+    kept = [i for i in g.initializer if i.name in used]
+    _replace(g.initializer, kept)
+    del g.value_info[:]  # shapes/dtypes changed; ORT re-infers
+    return out, converted

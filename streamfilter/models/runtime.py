@@ -1,0 +1,176 @@
+"""ONNX Runtime sessions: providers (CUDA/TensorRT, then CPU), threads, graph optimisation, IO binding.
+
+The provider actually used is logged once per session ("askllm flan-t5-small@… runs on
+CUDAExecutionProvider"), because ONNX Runtime silently falls back to CPU when the CUDA
+libraries are missing. On a GPU, inputs are copied to the device once and only the
+graph's (small) outputs come back to the host, through IO binding.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from streamfilter.errors import ConfigError
+from streamfilter.models.manifest import Manifest
+
+log = logging.getLogger(__name__)
+
+# Preference order when the caller does not name providers. TensorRT is opt-in
+# (providers=["tensorrt", ...]): it builds an engine per input-shape profile, minutes
+# for T5, which a daemon starting up should not do by surprise.
+DEFAULT_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
+GPU_PROVIDERS = {"TensorrtExecutionProvider": "cuda", "CUDAExecutionProvider": "cuda"}
+PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+
+
+def resolve_providers(requested: Sequence[str] | None) -> list[str]:
+    """The providers to ask ONNX Runtime for, in order; always ending with CPU.
+
+    `requested` may use short names ("cuda", "tensorrt", "cpu"). Requested providers
+    that this onnxruntime build lacks are an error (the user asked for them); with
+    `requested=None` the available ones of `DEFAULT_PROVIDERS` are used.
+    """
+    available = ort.get_available_providers()
+    if requested is None:
+        chosen = [p for p in DEFAULT_PROVIDERS if p in available]
+    else:
+        chosen = [PROVIDER_ALIASES.get(p.lower(), p) for p in requested]
+        missing = [p for p in chosen if p not in available]
+        if missing:
+            raise ConfigError(
+                f"providers: {', '.join(missing)} not available in this onnxruntime build "
+                f"(available: {', '.join(available)}); install the `gpu` extra for CUDA"
+            )
+    if "CPUExecutionProvider" not in chosen:
+        chosen.append("CPUExecutionProvider")
+    return chosen
+
+
+def gpu_available() -> bool:
+    return any(p in ort.get_available_providers() for p in GPU_PROVIDERS)
+
+
+@dataclass
+class Session:
+    """An InferenceSession with its device, running through IO binding."""
+
+    session: ort.InferenceSession
+    provider: str  # the first provider the session actually got
+    device: str  # "cpu" or "cuda"
+    label: str
+
+    @property
+    def input_names(self) -> list[str]:
+        return [i.name for i in self.session.get_inputs()]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [o.name for o in self.session.get_outputs()]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Run with IO binding: inputs copied to the session's device, outputs fetched to the host."""
+        binding = self.session.io_binding()
+        for name, array in feeds.items():
+            if self.device == "cpu":
+                binding.bind_cpu_input(name, np.ascontiguousarray(array))
+            else:
+                binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, 0))
+        for name in self.output_names:
+            # Outputs here are small ([batch, 2] or [batch, dim]): let ORT allocate them on the host.
+            binding.bind_output(name, "cpu")
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()
+
+
+def make_session(
+    model: bytes | str | Path,
+    *,
+    label: str,
+    providers: Sequence[str] | None = None,
+    intra_op_threads: int | None = None,
+    graph_optimization: str = "all",
+) -> Session:
+    """Create a session for `model` (bytes of a self-contained ONNX file, or a path).
+
+    `intra_op_threads=None` uses one thread per available core. `graph_optimization` is
+    one of "disable", "basic", "extended", "all".
+    """
+    levels = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }
+    if graph_optimization not in levels:
+        raise ConfigError(f"graph_optimization: {graph_optimization!r} is not one of {', '.join(levels)}")
+    if intra_op_threads is not None and intra_op_threads < 0:
+        raise ConfigError(f"intra_op_threads: must be >= 0 (0 = ONNX Runtime's default), got {intra_op_threads}")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = levels[graph_optimization]
+    options.intra_op_num_threads = intra_op_threads if intra_op_threads is not None else _default_threads()
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3  # ORT's own warnings (e.g. "some nodes were not assigned to CUDA") are noise here
+    chosen = resolve_providers(providers)
+    provider_options = [_provider_options(p) for p in chosen]
+    session = ort.InferenceSession(model if isinstance(model, bytes) else str(model), sess_options=options,
+                                   providers=chosen, provider_options=provider_options)
+    used = session.get_providers()[0]
+    device = GPU_PROVIDERS.get(used, "cpu")
+    if providers is None or used == PROVIDER_ALIASES.get(str(providers[0]).lower(), providers[0]):
+        log.info("%s runs on %s (%d intra-op threads)", label, used, options.intra_op_num_threads)
+    else:
+        log.warning("%s runs on %s: %s was requested but did not start (CUDA/cuDNN libraries missing?)",
+                    label, used, providers[0])
+    return Session(session=session, provider=used, device=device, label=label)
+
+
+def _default_threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _provider_options(provider: str) -> dict[str, str]:
+    if provider == "TensorrtExecutionProvider":
+        # Engines are expensive to build: cache them next to nothing user-visible by default.
+        return {"trt_fp16_enable": "False", "trt_engine_cache_enable": "True",
+                "trt_engine_cache_path": str(Path.home() / ".cache" / "streamfilter" / "trt")}
+    if provider == "CUDAExecutionProvider":
+        return {"cudnn_conv_algo_search": "HEURISTIC"}
+    return {}
+
+
+def choose_variant(manifest: Manifest, variant: str | None, on_gpu: bool) -> str:
+    if variant is None:
+        # GPU: fp32 until the fp16 variant is validated on the GPU in use (bench/gpu measures
+        # it against fp32); CPU: int8 (several times faster, rank-equivalent in our measurements).
+        preference = ("fp32",) if on_gpu else ("int8", "fp32")
+        variant = next((v for v in preference if v in manifest.variants), None)
+        if variant is None:
+            variant = next(iter(manifest.variants))
+    if variant not in manifest.variants:
+        raise ConfigError(f"variant: {manifest.root} has no {variant!r} variant (has {', '.join(manifest.variants)})")
+    return variant
+
+
+def open_variant(manifest: Manifest, variant: str, *, providers, intra_op_threads):
+    """An ONNX Runtime session for one variant of the model folder, its files checked against the manifest."""
+    spec = manifest.variants[variant]
+    label = f"{manifest.kind} {manifest.name}@{manifest.variant_sha256(variant)[:12]} ({variant})"
+    if spec.get("external_data"):
+        # Weights > 2 GB live beside the graph: hash every file, then load by path.
+        for name in [spec["model"], *spec["external_data"]]:
+            manifest.verify_file(name)
+        model = manifest.path(spec["model"])
+    else:
+        model = manifest.read_verified(spec["model"])  # the bytes hashed are the bytes loaded
+    return make_session(model, label=label, providers=providers, intra_op_threads=intra_op_threads)

