@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "streamfilter.broker",
     "streamfilter.density.cli",
     "streamfilter.daemon",
+    "streamfilter.demo",
     "streamfilter.models.cli",
 )
 
@@ -43,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+    if args.log_level != "DEBUG":
+        logging.getLogger("kafka").setLevel(logging.WARNING)  # kafka-python logs every connection at INFO
     try:
         return int(args.handler(args) or 0)
     except UserError as exc:

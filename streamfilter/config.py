@@ -257,10 +257,21 @@ def validate(config: Config) -> None:
     check(config.route.min_snapshot_docs >= 1, "route.min_snapshot_docs", "must be >= 1")
     check(config.daemon.shutdown_timeout_s > 0, "daemon.shutdown_timeout_s", "must be > 0")
     check(0 <= config.daemon.metrics_port < 65536, "daemon.metrics_port", "must be a port number (0 = off)")
-    from streamfilter.density.policy import build_policy
+    build_policy(config)  # an unknown policy name fails here, naming policy.name
 
-    build_policy(config.policy.name, config.policy.keep_rate, quality_keep=config.policy.quality_keep,
-                 seed=config.policy.seed)  # raises ConfigError naming policy.name for an unknown policy
+
+def build_policy(config: Config):
+    """The configured sampling policy; errors name the `policy.*` field."""
+    from streamfilter.density.policy import build_policy as build
+
+    p = config.policy
+    try:
+        return build(p.name, p.keep_rate, quality_keep=p.quality_keep if p.name == "askllm+density" else None,
+                     seed=p.seed)
+    except ConfigError as exc:
+        message = str(exc)
+        raise ConfigError(message.replace("policy:", "policy.name:", 1) if message.startswith("policy:")
+                          else f"policy.{message}") from None
 
 
 def _lookup(config: Config, dotted: str) -> typing.Any:

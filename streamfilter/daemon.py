@@ -1,0 +1,200 @@
+"""The long-running commands: `streamfilter score | sketch | route | run`.
+
+Each loads the one configuration object, creates missing topics, serves /metrics, /ready
+and /live, and runs its stage(s) on an asyncio loop (uvloop) with blocking Kafka and
+inference calls on worker threads. SIGTERM or SIGINT stops fetching, finishes or aborts
+the open transaction, writes a last snapshot (sketch) and exits within
+`daemon.shutdown_timeout_s`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import threading
+from pathlib import Path
+
+from streamfilter.config import Config, load_config
+from streamfilter.errors import UserError
+
+log = logging.getLogger(__name__)
+
+STAGES = ("score", "sketch", "route")
+# Larger than the broker's 1 MB default: a scored record carries the text plus its embedding,
+# and the DLQ keeps oversized originals.
+TOPIC_MAX_MESSAGE_BYTES = 16 * 1_048_576
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    helps = {
+        "score": "pass 1: score raw documents with Ask-LLM and the embedder into the scored topic (stateless)",
+        "sketch": "the aggregator: count scored embeddings in the RACE sketch and write snapshots",
+        "route": "pass 2: apply the policy with the newest snapshot; write accepted (and rejected) documents",
+        "run": "score, sketch and route in one process (one machine, the demo)",
+    }
+    for name, text in helps.items():
+        parser = subparsers.add_parser(name, help=text, description=text)
+        add_config_arguments(parser)
+        parser.set_defaults(handler=_run_command, stages=STAGES if name == "run" else (name,))
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="TOML configuration file")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one setting (repeatable), e.g. --set policy.keep_rate=0.1")
+    parser.add_argument("--bootstrap", help="Kafka bootstrap servers (kafka.bootstrap_servers)")
+    parser.add_argument("--metrics-port", type=int, help="port for /metrics, /ready and /live (daemon.metrics_port)")
+    parser.add_argument("--instance-id", help="stable id of this process (kafka.instance_id)")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    overrides = list(args.set)
+    for flag, key in (("bootstrap", "kafka.bootstrap_servers"), ("metrics_port", "daemon.metrics_port"),
+                      ("instance_id", "kafka.instance_id")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    return load_config(args.config, overrides=overrides)
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    run_stages(config, args.stages)
+    return 0
+
+
+def ensure_topics(config: Config, names: list[str]) -> None:
+    """Create the topics that do not exist yet (partitions from topics.partitions).
+
+    Waits, retrying with backoff, while no broker answers: a daemon may start before Kafka.
+    """
+    import time
+
+    from kafka.admin import KafkaAdminClient, NewTopic
+    from kafka.errors import KafkaError, TopicAlreadyExistsError
+
+    delay = 0.5
+    while True:
+        try:
+            admin = KafkaAdminClient(**config.kafka_client_settings())
+            break
+        except KafkaError as exc:
+            log.warning("no Kafka broker answers at %s (kafka.bootstrap_servers): %s; retrying in %.0fs",
+                        config.kafka.bootstrap_servers, exc, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, config.daemon.retry_backoff_max_s)
+    try:
+        existing = set(admin.list_topics())
+        missing = [n for n in dict.fromkeys(names) if n and n not in existing]
+        if missing:
+            topics = [NewTopic(n, num_partitions=config.topics.partitions, replication_factor=1,
+                               topic_configs={"max.message.bytes": str(TOPIC_MAX_MESSAGE_BYTES)}) for n in missing]
+            try:
+                admin.create_topics(topics)
+            except TopicAlreadyExistsError:
+                pass
+            log.info("created topics %s", ", ".join(missing))
+    finally:
+        admin.close()
+
+
+def stage_topics(config: Config, stages) -> list[str]:
+    t = config.topics
+    names = []
+    if "score" in stages:
+        names += [t.raw, t.scored, t.dlq]
+    if "sketch" in stages:
+        names += [t.scored]
+    if "route" in stages:
+        names += [t.scored, t.accepted, t.rejected if config.route.emit_rejected else "", t.dlq]
+    return names
+
+
+def build_stages(config: Config, stages, stopping: threading.Event) -> list:
+    """The stage objects, each with `run(stop: asyncio.Event)`."""
+    from streamfilter.kafka_loop import TransactionalLoop
+    from streamfilter.stages import RouteTransform, ScoreTransform, SketchAggregator
+
+    built = []
+    if "score" in stages:
+        transform = ScoreTransform(config)
+        built.append(TransactionalLoop("score", config, config.topics.raw, transform, prepare=transform.load))
+    if "sketch" in stages:
+        built.append(SketchAggregator(config))
+    if "route" in stages:
+        if not config.route.emit_rejected:
+            config.topics.rejected = ""
+        route = RouteTransform(config, stopping)
+        built.append(TransactionalLoop("route", config, config.topics.scored, route, prepare=route.wait_for_snapshot))
+    return built
+
+
+async def run_async(config: Config, stages, stop: asyncio.Event, stopping: threading.Event) -> None:
+    """Run the stages until `stop` is set, then give them `shutdown_timeout_s` to finish."""
+    built = build_stages(config, stages, stopping)
+    tasks = [asyncio.ensure_future(stage.run(stop)) for stage in built]
+    stop_waiter = asyncio.ensure_future(stop.wait())
+    done, _ = await asyncio.wait([*tasks, stop_waiter], return_when=asyncio.FIRST_COMPLETED)
+    failed = [t for t in done if t is not stop_waiter and t.exception() is not None]
+    if failed:
+        stop.set()
+    stopping.set()
+    _, pending = await asyncio.wait(tasks, timeout=config.daemon.shutdown_timeout_s)
+    if pending:
+        log.warning("shutdown: %d stage(s) did not finish within %.0fs; open transactions are left to abort",
+                    len(pending), config.daemon.shutdown_timeout_s)
+        for task in pending:
+            task.cancel()
+    stop_waiter.cancel()
+    for task in failed:
+        raise task.exception()
+
+
+def run_stages(config: Config, stages, *, install_signals: bool = True, stop_event: threading.Event | None = None) -> None:
+    """Blocking entry point: serve HTTP, run the stages, stop on SIGTERM/SIGINT (or `stop_event`)."""
+    from streamfilter.metrics import serve_http
+
+    ensure_topics(config, stage_topics(config, stages))
+    server = None
+    if config.daemon.metrics_port:
+        try:
+            server = serve_http(config.daemon.metrics_host, config.daemon.metrics_port)
+        except OSError as exc:
+            raise UserError(f"daemon.metrics_port: cannot listen on {config.daemon.metrics_host}:"
+                            f"{config.daemon.metrics_port} ({exc.strerror})") from None
+    stopping = stop_event or threading.Event()
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        if install_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, lambda s=sig: (log.info("received %s: stopping", s.name), stop.set()))
+
+        async def watch_external() -> None:
+            while not stopping.is_set():
+                await asyncio.sleep(0.1)
+            stop.set()
+
+        watcher = asyncio.ensure_future(watch_external())
+        try:
+            await run_async(config, stages, stop, stopping)
+        finally:
+            watcher.cancel()
+
+    try:
+        _event_loop_runner()(main())
+    finally:
+        if server is not None:
+            server.shutdown()
+
+
+def _event_loop_runner():
+    try:
+        import uvloop
+
+        return uvloop.run
+    except ImportError:  # uvloop is a runtime dependency; plain asyncio still works without it
+        return asyncio.run

@@ -1,0 +1,205 @@
+"""Helpers for running the real daemon (`python -m streamfilter run`) against the test broker."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgpack
+import pytest
+from kafka import KafkaConsumer, KafkaProducer
+
+from streamfilter.corpus import junk_documents, wiki_documents
+
+
+@pytest.fixture(scope="session")
+def test_models():
+    from streamfilter.models import ensure_test_models
+
+    return ensure_test_models()
+
+
+@dataclass
+class Daemon:
+    """One `streamfilter run|score|sketch|route` process with its own config file."""
+
+    config_path: Path
+    log_path: Path
+    proc: subprocess.Popen | None = None
+
+    def start(self, command: str = "run", *extra: str) -> "Daemon":
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "streamfilter", "--log-level", "INFO", command,
+                                      "--config", str(self.config_path), *extra],
+                                     stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        log.close()
+        return self
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+
+    def terminate(self, timeout: float = 60) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture
+def daemon_config(tmp_path, names, bootstrap, test_models):
+    """Write a config for one test; returns (config path, topics dict, snapshot dir)."""
+
+    def make(bootstrap_servers: str = bootstrap, **sections) -> tuple[Path, dict, Path]:
+        topics = {k: names.topic(k) for k in ("raw", "scored", "accepted", "rejected", "dlq")}
+        snapshots = tmp_path / "snapshots"
+        base = {
+            "kafka": {"bootstrap_servers": bootstrap_servers, "instance_id": "test", "group_prefix": names.prefix,
+                      "session_timeout_ms": 3000, "heartbeat_interval_ms": 500, "transaction_timeout_ms": 10000},
+            "topics": {**topics, "partitions": 3},
+            "models": {"askllm": str(test_models.askllm), "embedder": str(test_models.sentence_t5),
+                       "max_tokens": 128, "variant": "fp32", "inference_batch_docs": 32},
+            "batch": {"max_batch_docs": 128, "max_wait_ms": 200},
+            "sketch": {"rows": 100, "buckets": 2000, "snapshot_dir": str(snapshots), "snapshot_interval_s": 1.0},
+            "policy": {"name": "askllm+density", "keep_rate": 0.3, "quality_keep": 0.6},
+            "route": {"snapshot_poll_s": 1.0},
+            "daemon": {"metrics_port": 0, "shutdown_timeout_s": 20},
+        }
+        for section, values in sections.items():
+            base.setdefault(section, {}).update(values)
+        path = tmp_path / "streamfilter.toml"
+        path.write_text(to_toml(base))
+        return path, topics, snapshots
+
+    return make
+
+
+def to_toml(data: dict) -> str:
+    lines = []
+    for section, values in data.items():
+        lines.append(f"[{section}]")
+        lines.extend(f"{k} = {json.dumps(v)}" for k, v in values.items())
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture
+def start_daemon(tmp_path):
+    started: list[Daemon] = []
+
+    def start(config_path: Path, command: str = "run", name: str = "daemon") -> Daemon:
+        d = Daemon(config_path, tmp_path / f"{name}.log").start(command)
+        started.append(d)
+        return d
+
+    yield start
+    for d in started:
+        if d.alive():
+            d.proc.kill()
+            d.proc.wait(30)
+
+
+def sample_documents(n: int, seed: int = 0) -> list[dict]:
+    """n documents: about 3/4 Wikipedia summaries, 1/4 generated junk; unique ids."""
+    wiki = wiki_documents()
+    n_junk = n // 4
+    docs = [{"id": f"w{seed}-{i}", "url": f"https://en.wikipedia.org/{i}", "text": wiki[i % len(wiki)].text,
+             "lang": "en", "meta": {"topic": wiki[i % len(wiki)].topic}} for i in range(n - n_junk)]
+    docs += [{"id": f"j{seed}-{i}", "text": d.text, "meta": {"topic": d.topic}}
+             for i, d in enumerate(junk_documents(n_junk, seed=seed))]
+    return docs
+
+
+MALFORMED = [
+    b"not msgpack or json \xff",
+    b'{"id": "x", "text": ""}',
+    b'{"id": "x"}',
+    b'{"id": "x", "text": 42}',
+    msgpack.packb([1, 2, 3]),
+    b'{"id": "x", "text": "caf\xe9"}',
+    b'{"text": "no id or url"}',
+    b'{"id": "x", "text": "lone \\ud800"}',
+]
+
+
+def malformed_values(n: int) -> list[bytes]:
+    """n distinct malformed values (each tagged so it can be recognised in the DLQ)."""
+    return [MALFORMED[i % len(MALFORMED)] + f" #{i}".encode() if MALFORMED[i % len(MALFORMED)][:1] != b"{"
+            else MALFORMED[i % len(MALFORMED)][:-1] + f', "tag{i}": 0}}'.encode() for i in range(n)]
+
+
+def produce(bootstrap: str, topic: str, values: list[bytes], keys: list[bytes | None] | None = None) -> None:
+    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, max_request_size=16 * 1_048_576)
+    for i, value in enumerate(values):
+        producer.send(topic, value=value, key=keys[i] if keys else None)
+    producer.flush()
+    producer.close()
+
+
+def read_committed(bootstrap: str, topic: str, expected: int | None = None, timeout_s: float = 30) -> list:
+    """All committed records of `topic` (waits until `expected` arrived or nothing new came for a while)."""
+    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest",
+                             enable_auto_commit=False, isolation_level="read_committed",
+                             max_partition_fetch_bytes=16 * 1_048_576)
+    records, deadline, quiet_since = [], time.monotonic() + timeout_s, time.monotonic()
+    while time.monotonic() < deadline:
+        polled = consumer.poll(timeout_ms=500)
+        got = [r for part in polled.values() for r in part]
+        records.extend(got)
+        if got:
+            quiet_since = time.monotonic()
+        if expected is not None and len(records) >= expected and time.monotonic() - quiet_since > 1.0:
+            break
+        if expected is None and time.monotonic() - quiet_since > 3.0:
+            break
+    consumer.close()
+    return records
+
+
+class OutputCollector:
+    """A read_committed reader of the output topics that accumulates records across polls."""
+
+    def __init__(self, bootstrap: str, topics: list[str]):
+        self.consumer = KafkaConsumer(*topics, bootstrap_servers=bootstrap, group_id=None,
+                                      auto_offset_reset="earliest", enable_auto_commit=False,
+                                      isolation_level="read_committed", max_partition_fetch_bytes=16 * 1_048_576)
+        self.records: dict[str, list] = {t: [] for t in topics}
+
+    @property
+    def total(self) -> int:
+        return sum(len(v) for v in self.records.values())
+
+    def poll(self, timeout_ms: int = 500) -> int:
+        for tp, part in self.consumer.poll(timeout_ms=timeout_ms).items():
+            self.records[tp.topic].extend(part)
+        return self.total
+
+    def wait_total(self, n: int, timeout_s: float, alive=lambda: True) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self.poll() < n and time.monotonic() < deadline:
+            assert alive(), "the daemon exited"
+        # a little longer: anything beyond n would be a duplicate
+        end = time.monotonic() + 2
+        while time.monotonic() < end:
+            self.poll(200)
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+def wait_for(predicate, timeout_s: float, interval_s: float = 1.0, message: str = "condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {message}")
