@@ -19,6 +19,7 @@ with the sketch and never re-derived from the seed, because numpy's random strea
 stable across versions. Counters are int32 (the paper's 80 MB at R=1000, B=20000) and are
 widened to int64 before any counter could overflow (a counter never exceeds `count`).
 
+Embeddings are expected to be about unit-norm (cells beyond +-2**22 alias onto each other).
 Determinism: the hash is float32 arithmetic through BLAS, so two machines with different
 BLAS builds may put a point that lies within ~1e-6 of a cell boundary in different cells;
 everything else (tuple hash, counting, debiasing) is exact integer arithmetic.
@@ -37,6 +38,7 @@ DEFAULT_K = 8
 DEFAULT_WIDTH = 1.0
 SCORE_FLOOR = 1e-6  # queries never return less, so 1 / score is finite
 _INT32_MAX = np.iinfo(np.int32).max
+_ROUNDING_MAGIC = np.float32(1.5 * 2**23)  # x + this rounds x to an integer held in the low mantissa bits
 _CHUNK_ELEMENTS = 1 << 23  # hash at most this many (document, row*k) cells at once: 32 MB of float32
 
 
@@ -73,8 +75,12 @@ class RaceSketch:
     counters: np.ndarray  # [rows, buckets] int32, or int64 once widened
     count: int = 0  # documents added
     seed: int = 0  # informational only: the parameters above are what define the hash
-    _hash_matrix: np.ndarray = field(init=False, repr=False)  # derived: [dim + 1, k * rows] float32
-    _row_base: np.ndarray = field(init=False, repr=False)  # derived: [rows] int64, r * buckets
+    _hash_matrix_t: np.ndarray = field(init=False, repr=False)  # derived: [k * rows, dim + 1] float32
+    _row_base_col: np.ndarray = field(init=False, repr=False)  # derived: [rows, 1] int64, r * buckets
+    _row_high_col: np.ndarray = field(init=False, repr=False)  # derived: [rows, 1] uint64, r << 32
+    _mult_col: np.ndarray = field(init=False, repr=False)  # derived: [k, rows, 1] int32 view of the multipliers
+    _addend_col: np.ndarray = field(init=False, repr=False)  # derived: [rows, 1] int32
+    _work: dict | None = field(init=False, repr=False, default=None)  # scratch buffers, see _workspace
 
     def __post_init__(self) -> None:
         dim, cols = self.projections.shape
@@ -87,8 +93,14 @@ class RaceSketch:
             raise ValueError("tuple-hash parameters have inconsistent shapes")
         w = np.float32(self.width)
         # (a.x + b) / w as one matmul: x is extended with a constant 1 column.
-        self._hash_matrix = np.vstack([self.projections / w, (self.offsets / w)[None, :]]).astype(np.float32)
-        self._row_base = np.arange(rows, dtype=np.int64) * self.buckets
+        hash_matrix = np.vstack([self.projections / w, (self.offsets / w - np.float32(0.5))[None, :]]).astype(np.float32)
+        self._hash_matrix_t = np.ascontiguousarray(hash_matrix.T)
+        if rows * self.buckets >= 1 << 32:
+            raise ValueError(f"rows * buckets = {rows * self.buckets} must be below 2**32")
+        self._row_base_col = (np.arange(rows, dtype=np.int64) * self.buckets)[:, None]
+        self._row_high_col = (np.arange(rows, dtype=np.uint64) << np.uint64(32))[:, None]
+        self._mult_col = self.tuple_multipliers.view(np.int32)[:, :, None].copy()
+        self._addend_col = self.tuple_addend.view(np.int32)[:, None].copy()
 
     # ---------------------------------------------------------------- construction
 
@@ -105,8 +117,8 @@ class RaceSketch:
         """A fresh, empty sketch whose hash parameters are drawn from `seed` (and then stored)."""
         if dim < 1 or rows < 1 or buckets < 2 or k < 1 or not (width > 0 and math.isfinite(width)):
             raise ValueError(f"bad sketch parameters: dim={dim}, rows={rows}, buckets={buckets}, k={k}, width={width}")
-        if buckets > 1 << 31:
-            raise ValueError(f"buckets={buckets} exceeds 2**31")
+        if rows * buckets >= 1 << 32:
+            raise ValueError(f"rows * buckets = {rows * buckets} must be below 2**32")
         rng = np.random.default_rng(seed)
         return cls(
             projections=rng.standard_normal((dim, k * rows), dtype=np.float32),
@@ -137,39 +149,61 @@ class RaceSketch:
             raise ValueError(f"expected embeddings of shape [n, {self.dim}], got {x.shape}")
         if not np.isfinite(x).all():
             raise ValueError("embeddings contain NaN or infinity")
-        step = max(1, _CHUNK_ELEMENTS // self._hash_matrix.shape[1])
+        step = max(1, _CHUNK_ELEMENTS // self._hash_matrix_t.shape[0])
         for start in range(0, x.shape[0], step):
             yield start, x[start:start + step]
 
+    def _workspace(self, n: int) -> dict[str, np.ndarray]:
+        """Scratch arrays for hashing n <= chunk points, allocated once and reused.
+
+        Reuse matters: faulting in fresh 32 MB temporaries on every batch costs as much as
+        the matmul itself on a busy machine. (So one sketch must not hash from two threads.)
+        Everything is laid out [row, document] so that counting and gathering walk the
+        counters row by row (one row's 80 KB of counters stays in cache) instead of jumping
+        across all 80 MB for every document.
+        """
+        cols, rows = self._hash_matrix_t.shape[0], self.rows
+        shapes = {"x1": ((n, self.dim + 1), np.float32), "z": ((cols, n), np.float32),
+                  "acc": ((rows, n), np.int32), "tmp": ((rows, n), np.int32), "flat": ((rows, n), np.uint64)}
+        if self._work is None or self._work["x1"].size < n * (self.dim + 1):
+            self._work = {name: np.empty(math.prod(shape), dtype=dtype) for name, (shape, dtype) in shapes.items()}
+        # flat buffers, so the first n columns' worth is one contiguous [*, n] array
+        return {name: self._work[name][:math.prod(shape)].reshape(shape) for name, (shape, _) in shapes.items()}
+
     def _hash(self, x: np.ndarray) -> np.ndarray:
-        """Flat counter indices [n, rows] (int64, row r's bucket + r * buckets) of one chunk."""
+        """Flat counter indices [rows, n] (int64: row r's bucket + r * buckets) of one chunk.
+
+        The result is a view of the workspace: valid until the next call.
+        """
         n, dim = x.shape
         rows = self.rows
-        x1 = np.empty((n, dim + 1), dtype=np.float32)
+        w = self._workspace(n)
+        x1, z, acc, tmp, flat = w["x1"], w["z"], w["acc"], w["tmp"], w["flat"]
         x1[:, :dim] = x
         x1[:, dim] = 1.0
-        z = x1 @ self._hash_matrix  # the one matmul: (a.x + b) / w for every (row, j)
-        np.floor(z, out=z)
-        cells = z.astype(np.int32)  # p-stable cell ids; K per row, laid out j-major
-        mult = self.tuple_multipliers.view(np.int32)
+        np.matmul(self._hash_matrix_t, x1.T, out=z)  # the one matmul: (a.x + b) / w for every (row, j)
+        # floor without a cast pass: the matrix computes (a.x + b) / w - 1/2, and adding
+        # 1.5 * 2**23 rounds that to the nearest integer (= the floor of (a.x + b) / w) and leaves
+        # it in the low mantissa bits: the float32's bits are 0x4B400000 + cell (|cell| < 2**22).
+        np.add(z, _ROUNDING_MAGIC, out=z)
+        cells = z.view(np.int32)  # K blocks of `rows`
+        mult = self._mult_col
         # Multiply-add over the K-tuple in int32 with wrap-around (= mod 2**32).
-        acc = np.multiply(cells[:, :rows], mult[0])
-        tmp = np.empty_like(acc)
-        for j in range(1, self.k):  # K is small; each step is one array op over [n, rows]
-            np.multiply(cells[:, j * rows:(j + 1) * rows], mult[j], out=tmp)
-            acc += tmp
-        acc += self.tuple_addend.view(np.int32)
-        # Top bits of the 32-bit hash scaled into [0, B): (h * B) >> 32.
-        idx = acc.view(np.uint32).astype(np.uint64)
-        idx *= np.uint64(self.buckets)
-        idx >>= np.uint64(32)
-        flat = idx.view(np.int64)
-        flat += self._row_base
-        return flat
+        np.multiply(cells[:rows], mult[0], out=acc)
+        for j in range(1, self.k):  # K is small; each step is one array op over [rows, n]
+            np.multiply(cells[j * rows:(j + 1) * rows], mult[j], out=tmp)
+            np.add(acc, tmp, out=acc)
+        np.add(acc, self._addend_col, out=acc)
+        # Top bits of the 32-bit hash h scaled into [0, B), plus the row's base r * B, in one go:
+        # ((r * 2**32 + h) * B) >> 32 == r * B + ((h * B) >> 32), exact while rows * B < 2**32.
+        np.add(acc.view(np.uint32), self._row_high_col, out=flat)
+        np.multiply(flat, np.uint64(self.buckets), out=flat)
+        np.right_shift(flat, np.uint64(32), out=flat)
+        return flat.view(np.int64)
 
     def bucket_indices(self, x: np.ndarray) -> np.ndarray:
         """[n, rows] int64 bucket index in [0, buckets) of each point in each row (for tests and calibration)."""
-        out = [self._hash(chunk) - self._row_base for _, chunk in self._chunks(x)]
+        out = [(self._hash(chunk) - self._row_base_col).T for _, chunk in self._chunks(x)]  # copies the views
         return np.concatenate(out) if out else np.empty((0, self.rows), dtype=np.int64)
 
     # ---------------------------------------------------------------- sketch operations
@@ -190,8 +224,9 @@ class RaceSketch:
         flat_counters = self.counters.reshape(-1)
         out = np.empty(np.asarray(x).shape[0], dtype=np.float64)
         for start, chunk in self._chunks(x):
-            hits = np.take(flat_counters, self._hash(chunk))
-            out[start:start + chunk.shape[0]] = hits.sum(axis=1, dtype=np.int64) / self.rows
+            idx = self._hash(chunk)  # [rows, n]
+            hits = np.take(flat_counters, idx)  # the one gather
+            out[start:start + chunk.shape[0]] = hits.sum(axis=0, dtype=np.int64) / self.rows
         return out
 
     def query(self, x: np.ndarray) -> np.ndarray:
