@@ -185,7 +185,7 @@ def export_embedder(
     st = SentenceTransformer(model, device="cpu", revision=revision)
     modules, pooling, dense = _read_modules(st)
     transformer = st[0]
-    dim = dense[-1].weight.shape[0] if dense else st.get_sentence_embedding_dimension()
+    dim = dense[-1].weight.shape[0] if dense else st.get_embedding_dimension()
     with tempfile.TemporaryDirectory(prefix="streamfilter-export-") as tmp:
         main_export(model, tmp, task="feature-extraction", revision=revision or "main", opset=opset,
                     library_name="sentence_transformers", do_validation=False)

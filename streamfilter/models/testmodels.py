@@ -30,7 +30,7 @@ from streamfilter.errors import UserError
 log = logging.getLogger(__name__)
 
 # Bump when the test models' definition changes: caches of another version are rebuilt.
-TEST_MODELS_VERSION = 1
+TEST_MODELS_VERSION = 2
 STAMP = "test-models.json"
 
 TINY_T5 = dict(vocab_size=32128, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,
