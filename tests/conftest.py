@@ -2,7 +2,7 @@
 
 Tests that need Kafka ask for the `bootstrap` fixture (and are marked `kafka`); the
 broker starts once, on a free port in a temporary folder, and is always stopped at the
-end. Set STREAMFILTER_TEST_BOOTSTRAP=host:port to run against a broker you started
+end. Set SFTEST_BOOTSTRAP=host:port to run against a broker you started
 yourself (`streamfilter broker start`) and skip the start-up.
 
 Every test gets unique topic and group names (`names`), so tests never see each
@@ -25,7 +25,7 @@ GROUP_TIMEOUTS = {"session_timeout_ms": 2000, "heartbeat_interval_ms": 300}
 
 @pytest.fixture(scope="session")
 def kafka_broker(tmp_path_factory):
-    external = os.environ.get("STREAMFILTER_TEST_BOOTSTRAP")
+    external = os.environ.get("SFTEST_BOOTSTRAP")
     if external:
         yield external
         return

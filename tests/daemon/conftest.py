@@ -58,10 +58,17 @@ class Daemon:
 
 @pytest.fixture
 def daemon_config(tmp_path, names, bootstrap, test_models):
-    """Write a config for one test; returns (config path, topics dict, snapshot dir)."""
+    """Write a config for one test and create its topics; returns (config path, topics dict, snapshot dir)."""
 
     def make(bootstrap_servers: str = bootstrap, **sections) -> tuple[Path, dict, Path]:
+        from kafka.admin import KafkaAdminClient, NewTopic
+
         topics = {k: names.topic(k) for k in ("raw", "scored", "accepted", "rejected", "dlq")}
+        admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers)
+        admin.create_topics([NewTopic(t, num_partitions=3, replication_factor=1,
+                                      topic_configs={"max.message.bytes": str(16 * 1_048_576)})
+                             for t in topics.values()])
+        admin.close()
         snapshots = tmp_path / "snapshots"
         base = {
             "kafka": {"bootstrap_servers": bootstrap_servers, "instance_id": "test", "group_prefix": names.prefix,
@@ -119,22 +126,21 @@ def sample_documents(n: int, seed: int = 0) -> list[dict]:
     return docs
 
 
-MALFORMED = [
-    b"not msgpack or json \xff",
-    b'{"id": "x", "text": ""}',
-    b'{"id": "x"}',
-    b'{"id": "x", "text": 42}',
-    msgpack.packb([1, 2, 3]),
-    b'{"id": "x", "text": "caf\xe9"}',
-    b'{"text": "no id or url"}',
-    b'{"id": "x", "text": "lone \\ud800"}',
-]
+MALFORMED_KINDS = (
+    lambda i: b"not msgpack or json \xff #%d" % i,                          # undecodable
+    lambda i: b'{"id": "x%d", "text": ""}' % i,                               # empty_text
+    lambda i: b'{"id": "x%d"}' % i,                                           # missing_text
+    lambda i: b'{"id": "x%d", "text": 42}' % i,                               # bad_type
+    lambda i: msgpack.packb([1, 2, i]),                                       # not_a_map
+    lambda i: b'{"id": "x%d", "text": "caf\xe9"}' % i,                        # invalid_utf8 (bytes)
+    lambda i: b'{"text": "no id or url %d"}' % i,                             # missing_id
+    lambda i: b'{"id": "x%d", "text": "lone \\ud800"}' % i,                   # invalid_utf8 (surrogate)
+)
 
 
 def malformed_values(n: int) -> list[bytes]:
-    """n distinct malformed values (each tagged so it can be recognised in the DLQ)."""
-    return [MALFORMED[i % len(MALFORMED)] + f" #{i}".encode() if MALFORMED[i % len(MALFORMED)][:1] != b"{"
-            else MALFORMED[i % len(MALFORMED)][:-1] + f', "tag{i}": 0}}'.encode() for i in range(n)]
+    """n distinct malformed values cycling through every kind of bad input."""
+    return [MALFORMED_KINDS[i % len(MALFORMED_KINDS)](i) for i in range(n)]
 
 
 def produce(bootstrap: str, topic: str, values: list[bytes], keys: list[bytes | None] | None = None) -> None:

@@ -22,9 +22,8 @@ pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
 
 @pytest.fixture
-def running_daemon(bootstrap, daemon_config, start_daemon, create_topics):
+def running_daemon(bootstrap, daemon_config, start_daemon):
     config, topics, _ = daemon_config(policy={"name": "random", "keep_rate": 0.5})
-    create_topics({topics["raw"]: 2})
     daemon = start_daemon(config)
     collector = OutputCollector(bootstrap, [topics["accepted"], topics["rejected"], topics["dlq"]])
     yield daemon, topics, collector

@@ -12,7 +12,7 @@ import pytest
 
 from streamfilter.density.snapshot import SnapshotStore
 
-from .conftest import OutputCollector, malformed_values, produce, sample_documents
+from .conftest import OutputCollector, malformed_values, produce, sample_documents, wait_for
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -37,9 +37,8 @@ def assert_exactly_once(collector: OutputCollector, topics: dict, docs: list[dic
     assert sorted(dlq_values) == sorted(bad), "the DLQ must hold exactly the malformed originals, once each"
 
 
-def test_5000_documents_exactly_once_with_a_dlq(bootstrap, daemon_config, start_daemon, create_topics):
+def test_5000_documents_exactly_once_with_a_dlq(bootstrap, daemon_config, start_daemon):
     config, topics, snapshots = daemon_config(route={"min_snapshot_docs": 1000})
-    create_topics({topics["raw"]: 3})
     docs = sample_documents(4900)
     bad = malformed_values(100)
     values = [encode(d, i) for i, d in enumerate(docs)] + bad
@@ -50,6 +49,8 @@ def test_5000_documents_exactly_once_with_a_dlq(bootstrap, daemon_config, start_
     daemon = start_daemon(config)
     collector = OutputCollector(bootstrap, [topics["accepted"], topics["rejected"], topics["dlq"]])
     collector.wait_total(len(values), timeout_s=420, alive=daemon.alive)
+    store = SnapshotStore(snapshots)
+    wait_for(lambda: store.latest().doc_count == len(docs), 60, message="the sketch to count every document")
     assert daemon.terminate() == 0, daemon.log()[-3000:]
     assert_exactly_once(collector, topics, docs, bad)
 
@@ -70,10 +71,8 @@ def test_5000_documents_exactly_once_with_a_dlq(bootstrap, daemon_config, start_
     collector.close()
 
 
-def test_sigkill_at_random_moments_loses_and_duplicates_nothing(bootstrap, daemon_config, start_daemon,
-                                                                create_topics):
+def test_sigkill_at_random_moments_loses_and_duplicates_nothing(bootstrap, daemon_config, start_daemon):
     config, topics, snapshots = daemon_config(route={"min_snapshot_docs": 1}, batch={"max_batch_docs": 64})
-    create_topics({topics["raw"]: 3})
     docs = sample_documents(3000, seed=7)
     bad = malformed_values(40)
     values = [encode(d, i) for i, d in enumerate(docs)] + bad
@@ -93,7 +92,10 @@ def test_sigkill_at_random_moments_loses_and_duplicates_nothing(bootstrap, daemo
         kills += 1
     daemon = start_daemon(config, name="daemon-final")
     collector.wait_total(len(values), timeout_s=420, alive=daemon.alive)
+    store = SnapshotStore(snapshots)
+    wait_for(lambda: store.latest().doc_count == len(docs), 60, message="the sketch to count every document")
     assert daemon.terminate() == 0, daemon.log()[-3000:]
     assert_exactly_once(collector, topics, docs, bad)
-    assert SnapshotStore(snapshots).latest().doc_count == len(docs)
+    # each scored document counted exactly once, whatever the kills interrupted
+    assert store.latest().doc_count == len(docs)
     collector.close()
