@@ -41,12 +41,15 @@ class ScoreTransform:
 
     stage = "score"
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, scorer=None, embedder=None):
         self.config = config
-        self.scorer = None
-        self.embedder = None
+        self.scorer = scorer  # AskLLMScorer-like: score(texts, batch_size) -> [n] P(yes); model_id
+        self.embedder = embedder  # SentenceEmbedder-like: embed(texts, batch_size) -> [n, dim]; model_id, dim
 
     def load(self) -> None:
+        """Load the configured models (unless models were given to the constructor)."""
+        if self.scorer is not None and self.embedder is not None:
+            return
         from streamfilter.models import AskLLMScorer, SentenceEmbedder
 
         m = self.config.models
