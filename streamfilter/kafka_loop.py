@@ -18,6 +18,13 @@ are dropped unproduced, never committed twice; the broker also fences a stale ge
 offset commit (KIP-447), so a batch that slipped through aborts instead of duplicating.
 A kill -9 anywhere leaves an open transaction that the restarted process (same
 transactional id) aborts in init_transactions, or that the broker times out.
+
+A bounded run (replay) passes `RangeBounds`: the consumer is assigned the range's partitions
+instead of joining a group, starts at the group's committed offsets (or the range's start
+when it has none), drops records at or past each partition's fixed end and pauses the
+partition there; the run completes once every partition has reached its end and the last
+batch is committed. The committed offsets carry `RangeBounds.metadata`, so the group's
+offsets describe the job and its progress in one place; a restart resumes from them.
 """
 
 from __future__ import annotations
@@ -53,18 +60,35 @@ class Batch:
     generation: int
     group_metadata: Any
     polled_at: float = field(default_factory=time.monotonic)
+    at_end: bool = False  # bounded runs: every partition had reached its end when this batch was polled
 
-    def next_offsets(self) -> dict:
+    def next_offsets(self, metadata: dict | None = None) -> dict:
+        """{TopicPartition: OffsetAndMetadata(last offset + 1)}; `metadata` maps partitions to the string stored."""
         from kafka.structs import OffsetAndMetadata, TopicPartition
 
         last: dict[TopicPartition, int] = {}
         for r in self.records:
             tp = TopicPartition(r.topic, r.partition)
             last[tp] = max(last.get(tp, -1), r.offset)
-        return {tp: OffsetAndMetadata(offset + 1, "", -1) for tp, offset in last.items()}
+        meta = metadata or {}
+        return {tp: OffsetAndMetadata(offset + 1, meta.get(tp, ""), -1) for tp, offset in last.items()}
+
+
+@dataclass(frozen=True)
+class RangeBounds:
+    """A fixed range [start, end) per partition of the input topic, for a bounded run (replay).
+
+    Keys are kafka `TopicPartition`s of the loop's input topic; `end` is fixed before the run
+    starts, so the run terminates on a live topic.
+    """
+
+    start: dict  # TopicPartition -> first offset, used where the group has no committed offset
+    end: dict  # TopicPartition -> offset after the last record of the range (exclusive)
+    metadata: dict = field(default_factory=dict)  # TopicPartition -> string committed with the offset
 
 
 Transform = Callable[[list], list[Output]]
+OnCommit = Callable[[Batch, list[Output]], None]
 
 
 def kafka_settings(config: Config) -> dict[str, Any]:
@@ -116,12 +140,19 @@ class TransactionalLoop:
     """Runs one transactional stage: `transform` maps a micro-batch of input records to outputs."""
 
     def __init__(self, stage: str, config: Config, input_topic: str, transform: Transform,
-                 *, prepare: Callable[[], None] | None = None):
+                 *, prepare: Callable[[], None] | None = None, group: str | None = None,
+                 transactional_id: str | None = None, bounds: RangeBounds | None = None,
+                 on_commit: OnCommit | None = None):
         self.stage = stage
         self.config = config
         self.input_topic = input_topic
         self.transform = transform
         self.prepare = prepare  # blocking set-up on the worker thread (load models, wait for a snapshot)
+        self.group = group or config.group(stage)
+        self.transactional_id = transactional_id or config.transactional_id(stage)
+        self.bounds = bounds
+        self.on_commit = on_commit  # called on the producer thread after each committed batch
+        self.completed = False  # bounded runs: True once every partition's range is committed
         self.generation = 0
         self.rewind_needed = False
         self._stopping = threading.Event()
@@ -182,9 +213,17 @@ class TransactionalLoop:
                     await _sleep_or_stop(backoff.next(), stop)
                 else:
                     backoff.reset()
+                    self.completed = self._range_done(batch, next_flight)  # the last batch is committed
+            else:
+                self.completed = self._range_done(batch, next_flight)  # nothing (left) to read
             in_flight = next_flight
-            if stop.is_set() and in_flight is None:
+            if self.completed or (stop.is_set() and in_flight is None):
                 return
+
+    def _range_done(self, batch: Batch | None, next_flight) -> bool:
+        """A bounded run is complete when a poll found every partition at its end with nothing in flight."""
+        return (batch is not None and batch.at_end and next_flight is None and not self.rewind_needed
+                and batch.generation == self.generation)
 
     # -- consumer thread -------------------------------------------------------------
 
@@ -206,12 +245,30 @@ class TransactionalLoop:
                 continue  # rebalanced inside poll: drop what came with it, rewind, start afresh
             for part in polled.values():
                 records.extend(part)
+            if self.bounds is not None:
+                records = [r for r in records if r.offset < self._end_of(r)]  # past the range: never read
+                if self._pause_finished():
+                    break
             if time.monotonic() >= deadline and (records or remaining_ms == 0):
                 break
         self._observe_lag()
+        at_end = self.bounds is not None and self._pause_finished()
         if not records or self.generation != generation:
-            return Batch([], generation, None)
-        return Batch(records, generation, consumer.group_metadata())
+            return Batch([], generation, None, at_end=at_end and self.generation == generation)
+        return Batch(records, generation, consumer.group_metadata(), at_end=at_end)
+
+    def _end_of(self, record) -> int:
+        from kafka.structs import TopicPartition
+
+        return self.bounds.end[TopicPartition(record.topic, record.partition)]
+
+    def _pause_finished(self) -> bool:
+        """Pause the partitions whose position reached the range's end; True when all have."""
+        consumer = self.consumer
+        finished = [tp for tp, end in self.bounds.end.items() if consumer.position(tp) >= end]
+        if finished:
+            consumer.pause(*finished)
+        return len(finished) == len(self.bounds.end)
 
     def _observe_lag(self) -> None:
         consumer = self.consumer
@@ -230,10 +287,14 @@ class TransactionalLoop:
     def _rewind(self) -> None:
         for tp in self.consumer.assignment():
             committed = self.consumer.committed(tp)
-            if committed is None:
-                self.consumer.seek_to_beginning(tp)
-            else:
+            if committed is not None:
                 self.consumer.seek(tp, committed)
+            elif self.bounds is not None:
+                self.consumer.seek(tp, self.bounds.start[tp])
+            else:
+                self.consumer.seek_to_beginning(tp)
+        if self.bounds is not None:
+            self.consumer.resume(*self.consumer.paused())  # `_pause_finished` pauses them again at their end
         self.rewind_needed = False
 
     # -- producer thread ---------------------------------------------------------------
@@ -249,7 +310,8 @@ class TransactionalLoop:
             producer.begin_transaction()
             for out in outputs:
                 producer.send(out.topic, value=out.value, key=out.key, headers=list(out.headers))
-            producer.send_offsets_to_transaction(batch.next_offsets(), batch.group_metadata)
+            producer.send_offsets_to_transaction(
+                batch.next_offsets(self.bounds.metadata if self.bounds else None), batch.group_metadata)
             producer.commit_transaction()
         except Exception as exc:  # noqa: BLE001 - every Kafka failure aborts the batch
             metrics.TRANSACTIONS.labels(self.stage, "abort").inc()
@@ -262,6 +324,8 @@ class TransactionalLoop:
         metrics.TRANSACTIONS.labels(self.stage, "commit").inc()
         metrics.BROKER_UP.labels(self.stage).set(1)
         metrics.BATCH_SECONDS.labels(self.stage).observe(time.monotonic() - batch.polled_at)
+        if self.on_commit is not None:
+            self.on_commit(batch, outputs)
         return True
 
     def _abort_or_replace_producer(self) -> None:
@@ -277,7 +341,7 @@ class TransactionalLoop:
         self.producer = None
         while not self._stopping.is_set():
             try:
-                self.producer = new_transactional_producer(self.config, self.config.transactional_id(self.stage))
+                self.producer = new_transactional_producer(self.config, self.transactional_id)
                 return
             except Exception as exc:  # noqa: BLE001
                 metrics.RETRIES.labels(self.stage).inc()
@@ -296,7 +360,7 @@ class TransactionalLoop:
                 metrics.BROKER_UP.labels(self.stage).set(1)
                 metrics.READINESS.set(self.stage, True)
                 log.info("%s: consuming %s as group %s (transactional id %s)", self.stage, self.input_topic,
-                         self.config.group(self.stage), self.config.transactional_id(self.stage))
+                         self.group, self.transactional_id)
                 return
             except Exception as exc:  # noqa: BLE001 - broker not reachable yet
                 metrics.BROKER_UP.labels(self.stage).set(0)
@@ -308,7 +372,7 @@ class TransactionalLoop:
 
     def _make_producer(self) -> None:
         if self.producer is None:
-            self.producer = new_transactional_producer(self.config, self.config.transactional_id(self.stage))
+            self.producer = new_transactional_producer(self.config, self.transactional_id)
 
     def _make_consumer(self) -> None:
         from kafka import ConsumerRebalanceListener
@@ -328,8 +392,14 @@ class TransactionalLoop:
                 log.info("%s: assigned %s", loop_self.stage,
                          ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(assigned)) or "nothing")
 
-        if self.consumer is None:
-            self.consumer = new_consumer(self.config, self.config.group(self.stage))
+        if self.consumer is None and self.bounds is not None:
+            # A bounded run owns its group alone: assigned, not subscribed, so a restart after a
+            # kill resumes at once instead of waiting out the dead member's session.
+            self.consumer = new_consumer(self.config, self.group)
+            self.consumer.assign(sorted(self.bounds.end, key=lambda tp: tp.partition))
+            self._rewind()
+        elif self.consumer is None:
+            self.consumer = new_consumer(self.config, self.group)
             self.consumer.subscribe([self.input_topic], listener=Listener())
 
     def _close(self) -> None:

@@ -111,17 +111,27 @@ class ScoreTransform:
 
 
 class RouteTransform:
-    """Pass 2: scored records → accepted / rejected, deciding with the newest snapshot."""
+    """Pass 2: scored records → accepted / rejected, deciding with the newest snapshot.
+
+    With `fixed=True` (replay), every decision uses `snapshot` (None only for `random`) and
+    the store is never consulted; `stage` names the metrics' and DLQ headers' stage.
+    """
 
     stage = "route"
 
-    def __init__(self, config: Config, stopping: threading.Event | None = None):
+    def __init__(self, config: Config, stopping: threading.Event | None = None, *, fixed: bool = False,
+                 snapshot=None, stage: str | None = None):
         from streamfilter.density.snapshot import SnapshotStore
 
         self.config = config
         self.policy = build_policy(config)
         self.store = SnapshotStore(config.sketch.snapshot_dir, keep=config.sketch.keep_snapshots)
         self.prepared = None
+        self.fixed_snapshot = fixed
+        if fixed:
+            self.prepared = self.policy.prepare(snapshot)  # PolicyNotReady propagates: the caller checks first
+        if stage is not None:
+            self.stage = stage
         self.stopping = stopping or threading.Event()
         self._checked_at = 0.0
         metrics.ACCEPT_RATE_TARGET.labels(self.policy.name).set(self.policy.keep_rate)
@@ -132,6 +142,8 @@ class RouteTransform:
 
     def wait_for_snapshot(self) -> None:
         """Block until a snapshot covering at least `route.min_snapshot_docs` documents exists."""
+        if self.fixed_snapshot:
+            return
         if not self.needs_snapshot:
             self.prepared = self.policy.prepare(self._latest())
             return
@@ -172,7 +184,8 @@ class RouteTransform:
         return True
 
     def __call__(self, records: list) -> list[Output]:
-        if time.monotonic() - self._checked_at >= self.config.route.snapshot_poll_s and self.needs_snapshot:
+        if (self.needs_snapshot and not self.fixed_snapshot
+                and time.monotonic() - self._checked_at >= self.config.route.snapshot_poll_s):
             self._refresh()
         outputs: list[Output] = []
         scored: list[tuple[object, ScoredRecord]] = []
@@ -186,12 +199,12 @@ class RouteTransform:
         outputs.extend(self.decide(scored))
         return outputs
 
+    def decisions(self, scored: list[ScoredRecord]) -> list:
+        """The policy's `Decision` for each scored record (pure: no outputs, no metrics)."""
+        return decide_scored(self.prepared, scored)
+
     def decide(self, scored: list[tuple[object, ScoredRecord]]) -> list[Output]:
-        ids = [s.document.id for _, s in scored]
-        askllm = np.fromiter((s.askllm for _, s in scored), dtype=np.float64, count=len(scored))
-        embeddings = np.stack([s.embedding for _, s in scored]).astype(np.float32) \
-            if self.prepared.sketch is not None else None
-        decisions = self.prepared.decide(ids, askllm, embeddings)
+        decisions = self.decisions([s for _, s in scored])
         topics = self.config.topics
         outputs = []
         kept = 0
@@ -210,6 +223,16 @@ class RouteTransform:
         metrics.DOCUMENTS.labels(self.stage, "accepted").inc(kept)
         metrics.DOCUMENTS.labels(self.stage, "rejected").inc(len(scored) - kept)
         return outputs
+
+
+def decide_scored(prepared, scored: list[ScoredRecord]) -> list:
+    """Decide a batch of scored records with a `PreparedPolicy` (the live route and replay share this)."""
+    if not scored:
+        return []
+    ids = [s.document.id for s in scored]
+    askllm = np.fromiter((s.askllm for s in scored), dtype=np.float64, count=len(scored))
+    embeddings = np.stack([s.embedding for s in scored]).astype(np.float32) if prepared.sketch is not None else None
+    return prepared.decide(ids, askllm, embeddings)
 
 
 def decision_headers(decision, scored: ScoredRecord) -> list[tuple[str, bytes]]:
