@@ -19,9 +19,11 @@ from streamfilter.errors import UserError
 COMMAND_MODULES = (
     "streamfilter.broker",
     "streamfilter.density.cli",
+    "streamfilter.density.snapshot_cli",
     "streamfilter.daemon",
     "streamfilter.demo",
     "streamfilter.models.cli",
+    "streamfilter.replay.cli",
 )
 
 
