@@ -199,6 +199,7 @@ class TransactionalLoop:
             next_flight = None
             if batch is not None and batch.records:
                 metrics.BATCH_DOCUMENTS.labels(self.stage).observe(len(batch.records))
+                metrics.INPUT_DOCUMENTS.labels(self.stage).inc(len(batch.records))
                 next_flight = (batch, loop.run_in_executor(self._work_thread, self.transform, batch.records))
             if in_flight is not None:
                 done = outputs is not None and await loop.run_in_executor(

@@ -9,10 +9,25 @@ from __future__ import annotations
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest,
+)
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("streamfilter")
+    except PackageNotFoundError:  # running from a source tree that was not installed
+        return "unknown"
+
+
+INPUT_DOCUMENTS = Counter(
+    "streamfilter_input_documents_total", "Records read from the stage's input topic (a record read again after "
+    "an aborted transaction or a rebalance counts again).", ["stage"], registry=REGISTRY)
 DOCUMENTS = Counter(
     "streamfilter_documents_total", "Documents handled, by stage and outcome "
     "(score: scored|dlq; route: accepted|rejected|dlq; sketch: counted|skipped).",
@@ -61,8 +76,11 @@ BROKER_UP = Gauge("streamfilter_broker_up", "1 while the stage's last Kafka call
                   registry=REGISTRY)
 RETRIES = Counter("streamfilter_kafka_retries_total", "Kafka operations retried after an error.", ["stage"],
                   registry=REGISTRY)
+BUILD_INFO = Info("streamfilter_build", "The running streamfilter version.", registry=REGISTRY)
 READY = Gauge("streamfilter_ready", "1 when the stage is processing (models loaded, assigned, snapshot found).",
               ["stage"], registry=REGISTRY)
+
+BUILD_INFO.info({"version": _version()})
 
 
 class Readiness:

@@ -376,7 +376,9 @@ class SketchAggregator:
         metrics.BROKER_UP.labels(self.stage).set(1 if broker_connected(self.consumer) else 0)
         records = [r for part in polled.values() for r in part]
         if not records:
+            self._observe_lag()  # so that lag falls to 0 once caught up
             return
+        metrics.INPUT_DOCUMENTS.labels(self.stage).inc(len(records))
         ids, embeddings, askllm, coords = [], [], [], []
         for record in records:
             try:
@@ -406,11 +408,17 @@ class SketchAggregator:
         self._observe_lag()
 
     def _observe_lag(self) -> None:
+        # The position, not the covered offsets: only the position moves past transaction markers,
+        # so lag from covered offsets never fell below 1 on a transactional topic.
         for tp in self.consumer.assignment():
             high = self.consumer.highwater(tp)
-            if high is not None and self.state is not None:
-                covered = self.state.offsets.get((tp.topic, tp.partition), 0)
-                metrics.CONSUMER_LAG.labels(self.stage, tp.topic, str(tp.partition)).set(max(0, high - covered))
+            if high is not None:
+                try:
+                    position = self.consumer.position(tp, timeout_ms=100)
+                except Exception:  # noqa: BLE001 - lag is best effort; a miss is not an error
+                    continue
+                if position is not None:
+                    metrics.CONSUMER_LAG.labels(self.stage, tp.topic, str(tp.partition)).set(max(0, high - position))
 
     def write_snapshot(self) -> None:
         if self.state is None:
