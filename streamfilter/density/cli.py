@@ -29,7 +29,7 @@ def register(subparsers) -> None:
     p.add_argument("--k", type=_positive_int, nargs="+", default=[4, 8, 16], metavar="K",
                    help="hashes per row to calibrate for (default: 4 8 16)")
     p.add_argument("--target-random", type=float, default=None,
-                   help="K-tuple collision probability of a median random pair (default 1e-4)")
+                   help="K-tuple collision probability of a median random pair (default 5e-4)")
     p.add_argument("--neighbours", type=_positive_int, default=10, help="m of the m-th nearest neighbour (default 10)")
     p.add_argument("--sample", type=_positive_int, default=2000, help="embeddings sampled (default 2000)")
     p.add_argument("--buckets", type=_positive_int, default=20000, help="sketch buckets B (default 20000)")

@@ -35,7 +35,7 @@ import numpy as np
 DEFAULT_ROWS = 1000
 DEFAULT_BUCKETS = 20000
 DEFAULT_K = 8
-DEFAULT_WIDTH = 1.0
+DEFAULT_WIDTH = 1.5  # for unit-norm all-MiniLM-L6-v2 embeddings; run `streamfilter calibrate` for others
 SCORE_FLOOR = 1e-6  # queries never return less, so 1 / score is finite
 _INT32_MAX = np.iinfo(np.int32).max
 _ROUNDING_MAGIC = np.float32(1.5 * 2**23)  # x + this rounds x to an integer held in the low mantissa bits
