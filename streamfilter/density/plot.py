@@ -19,10 +19,14 @@ from streamfilter.errors import UserError
 def plot_snapshot(snapshot: Snapshot, output: Path, policy) -> Path:
     """Draw the two panels into `output` (PNG); `policy` decides the threshold and the keep curve."""
     try:
+        import logging
+
         import matplotlib
 
+        logging.getLogger("matplotlib").setLevel(logging.WARNING)  # not its font-cache notices
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import NullFormatter
     except ImportError:
         raise UserError("--plot needs matplotlib: pip install 'streamfilter[plot]'") from None
     from streamfilter.density.policy import PolicyNotReady, build_policy
@@ -46,7 +50,7 @@ def plot_snapshot(snapshot: Snapshot, output: Path, policy) -> Path:
                 fraction = policy.keep_rate if policy.name == "askllm" else policy.quality_keep
                 left.axvline(threshold, color="#c44e52", linestyle="--",
                              label=f"{policy.name}: keep top {fraction:.0%}, P(yes) >= {threshold:.3f}")
-                left.legend(loc="upper left", fontsize=8)
+                left.legend(loc="lower center", fontsize=8)
             except PolicyNotReady:
                 pass
     else:
@@ -61,6 +65,7 @@ def plot_snapshot(snapshot: Snapshot, output: Path, policy) -> Path:
         edges = np.geomspace(low, high * 1.0001, 41)
         right.hist(density, bins=edges, color="#55a868", edgecolor="white")
         right.set_xscale("log")
+        right.xaxis.set_minor_formatter(NullFormatter())
         ips = policy if policy.uses_density else build_policy("density", policy.keep_rate, seed=policy.seed)
         try:
             constant = ips.prepare(snapshot).ips_constant
@@ -73,7 +78,7 @@ def plot_snapshot(snapshot: Snapshot, output: Path, policy) -> Path:
                        label=f"{ips.name}: keep p = min(1, c/score), c = {constant:.4g}")
             curve.set_ylim(0, 1.05)
             curve.set_ylabel("keep probability")
-            curve.legend(loc="upper right", fontsize=8)
+            curve.legend(loc="upper left", fontsize=8)
     else:
         right.text(0.5, 0.5, "empty reservoir", ha="center", transform=right.transAxes)
 

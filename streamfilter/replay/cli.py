@@ -103,6 +103,10 @@ def _report_arguments(p) -> None:
 def _config(args):
     from streamfilter.daemon import config_from_args
 
+    # kafka-python warns whenever one of its I/O tasks takes > 100 ms, which a busy machine does
+    # often; a one-shot command's output is for the user's range, not for that.
+    logging.getLogger("kafka.net.selector").setLevel(logging.ERROR)
+
     overrides = []
     for flag, key in (("policy", "policy.name"), ("keep_rate", "policy.keep_rate"),
                       ("quality_keep", "policy.quality_keep"), ("seed", "policy.seed")):
