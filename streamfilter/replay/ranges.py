@@ -13,7 +13,9 @@ A position is one of:
 holds. A timestamp resolves to the first offset whose timestamp is at or after it; since
 producers set timestamps, they need not grow with offsets, so a replay chosen by time also
 skips records in the offset range whose timestamp falls outside [from, to) (`TimeWindow`):
-it selects exactly the documents whose message timestamps fall in the window.
+it selects exactly the documents whose message timestamps fall in the window. The range
+ends at the first record stamped at or after `--to`; a record stamped before `--to` but
+appended after that one (a producer with a slow clock) lies outside it.
 """
 
 from __future__ import annotations
