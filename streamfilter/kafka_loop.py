@@ -244,12 +244,13 @@ class TransactionalLoop:
                                    max_records=limit - len(records))
             if self.generation != generation:
                 continue  # rebalanced inside poll: drop what came with it, rewind, start afresh
-            for part in polled.values():
+            for tp, part in polled.items():
+                if self.bounds is not None:
+                    end = self.bounds.end[tp]
+                    part = [r for r in part if r.offset < end]  # past the range: never read
                 records.extend(part)
-            if self.bounds is not None:
-                records = [r for r in records if r.offset < self._end_of(r)]  # past the range: never read
-                if self._pause_finished():
-                    break
+            if self.bounds is not None and self._pause_finished():
+                break
             if time.monotonic() >= deadline and (records or remaining_ms == 0):
                 break
         self._observe_lag()
@@ -257,11 +258,6 @@ class TransactionalLoop:
         if not records or self.generation != generation:
             return Batch([], generation, None, at_end=at_end and self.generation == generation)
         return Batch(records, generation, consumer.group_metadata(), at_end=at_end)
-
-    def _end_of(self, record) -> int:
-        from kafka.structs import TopicPartition
-
-        return self.bounds.end[TopicPartition(record.topic, record.partition)]
 
     def _pause_finished(self) -> bool:
         """Pause the partitions whose position reached the range's end; True when all have."""

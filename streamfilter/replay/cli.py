@@ -313,6 +313,11 @@ def _run_transactional(args, config, mode: str, input_topic: str, start, end, dl
         print(f"replay job {job_id} stopped at {progress.done}/{state.total} offsets; run the same command "
               f"(or --job-id {job_id}) to resume", file=sys.stderr)
         return 130 if interrupted else 1
+    closer = new_consumer(config, group)
+    try:
+        job.record_end(closer, input_topic, state)
+    finally:
+        closer.close(autocommit=False)
     kept_what = "kept" if mode == "route" else "scored"
     print(f"replay job {job_id} complete: {progress.documents} documents in {elapsed:.1f}s "
           f"({progress.documents / elapsed if elapsed > 0 else 0:,.0f} docs/s), {kept_what} {progress.kept} → "

@@ -100,3 +100,13 @@ def record_start(consumer, topic: str, state: JobState) -> None:
 
     consumer.commit({TopicPartition(topic, p): OffsetAndMetadata(start, state.metadata(p), -1)
                      for p, (start, _) in state.ranges.items()})
+
+
+def record_end(consumer, topic: str, state: JobState) -> None:
+    """Commit each partition's end once the job is complete: the last records' offsets stop short of it
+    when the range ends in transaction markers, and a rerun should see the job as complete."""
+    from kafka.structs import OffsetAndMetadata, TopicPartition
+
+    consumer.commit({TopicPartition(topic, p): OffsetAndMetadata(end, state.metadata(p), -1)
+                     for p, (_, end) in state.ranges.items()})
+    state.committed = {p: end for p, (_, end) in state.ranges.items()}

@@ -52,11 +52,22 @@ def build_snapshot(records: list[ScoredRecord], directory: Path, rows: int = SKE
 
 
 def produce_scored(bootstrap: str, topic: str, records: list[ScoredRecord], timestamps_ms=None,
-                   partitions: int = 3) -> None:
-    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, max_request_size=16 * 1_048_576)
+                   partitions: int = 3, transaction_docs: int = 0) -> None:
+    """Produce scored records round-robin; with `transaction_docs`, in transactions of that many (as the
+    score stage writes them: each leaves a commit marker in every partition it touched)."""
+    settings = {"transactional_id": f"produce-{topic}"} if transaction_docs else {}
+    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, max_request_size=16 * 1_048_576, **settings)
+    if transaction_docs:
+        producer.init_transactions()
     for i, record in enumerate(records):
+        if transaction_docs and i % transaction_docs == 0:
+            if i:
+                producer.commit_transaction()
+            producer.begin_transaction()
         producer.send(topic, value=encode_scored(record), key=record.document.id.encode(), partition=i % partitions,
                       timestamp_ms=None if timestamps_ms is None else int(timestamps_ms[i]))
+    if transaction_docs:
+        producer.commit_transaction()
     producer.flush()
     producer.close()
 

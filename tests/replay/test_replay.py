@@ -106,7 +106,7 @@ def test_replaying_the_live_route_reproduces_every_decision(bootstrap, replay_co
     config, topics, snapshots = replay_config(policy={"seed": 7})
     records = scored_records(2000, seed=3)
     path = build_snapshot(records[:1500], snapshots)  # the sketch has seen part of the stream
-    produce_scored(bootstrap, topics["scored"], records)
+    produce_scored(bootstrap, topics["scored"], records, transaction_docs=100)  # as the score stage writes
     live_out = [topics["accepted"], topics["rejected"]]
 
     route = start_streamfilter(tmp_path / "route.log", "route", "--config", str(config))
@@ -140,6 +140,10 @@ def test_replaying_the_live_route_reproduces_every_decision(bootstrap, replay_co
     kept = sum(h["sf-decision"] == b"accept" for _, h in before.values())
     assert 0.2 < kept / len(records) < 0.4
     assert {h["sf-snapshot"] for _, h in after.values()} == {snapshot_id.encode()}
+    # the range ended in commit markers; the finished job still knows it is finished
+    again = streamfilter("replay", "--config", str(config), "--snapshot", snapshot_id,
+                         "--output", replay_out[0], "--rejected-output", replay_out[1])
+    assert again.returncode == 0 and "already complete" in again.stdout, again.stdout + again.stderr
 
 
 def test_bad_arguments_fail_with_one_line_before_anything_is_produced(bootstrap, replay_config, tmp_path):
