@@ -396,7 +396,16 @@ class TransactionalLoop:
             self.consumer.assign(sorted(self.bounds.end, key=lambda tp: tp.partition))
             self._rewind()
         elif self.consumer is None:
-            self.consumer = new_consumer(self.config, self.group)
+            consumer = new_consumer(self.config, self.group)
+            # Join with the topic's metadata in hand: a group joined before it has the partitions
+            # can be handed an empty assignment that kafka-python does not always revisit.
+            deadline = time.monotonic() + 30
+            while not consumer.partitions_for_topic(self.input_topic):
+                if time.monotonic() > deadline:
+                    consumer.close()
+                    raise RuntimeError(f"topic {self.input_topic} has no partitions (does it exist?)")
+                time.sleep(0.5)
+            self.consumer = consumer
             self.consumer.subscribe([self.input_topic], listener=Listener())
 
     def _close(self) -> None:
