@@ -20,7 +20,6 @@ appended after that one (a producer with a slow clock) lies outside it.
 
 from __future__ import annotations
 
-import math
 import re
 import time
 from dataclasses import dataclass

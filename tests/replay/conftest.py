@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from kafka import KafkaProducer
 
-from daemon.conftest import OutputCollector, produce, read_committed, test_models, to_toml, wait_for  # noqa: F401
+from daemon.conftest import OutputCollector, produce, test_models, to_toml, wait_for  # noqa: F401 (re-exported)
 from streamfilter.density.snapshot import SnapshotStore
 from streamfilter.density.state import SketchState
 from streamfilter.records import Document, ScoredRecord, encode_scored
