@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["AskLLMScorer", "SentenceEmbedder", "Manifest", "load_manifest", "ensure_test_models"]
+__all__ = ["AskLLMScorer", "CausalAskLLMScorer", "PerplexityScorer", "SentenceEmbedder", "Manifest", "load_manifest",
+           "ensure_test_models", "ensure_causal_test_models"]
 
 _LAZY = {
     "AskLLMScorer": "streamfilter.models.askllm",
@@ -19,6 +20,9 @@ _LAZY = {
     "Manifest": "streamfilter.models.manifest",
     "load_manifest": "streamfilter.models.manifest",
     "ensure_test_models": "streamfilter.models.testmodels",
+    "ensure_causal_test_models": "streamfilter.models.testmodels",
+    "CausalAskLLMScorer": "streamfilter.models.askllm_causal",
+    "PerplexityScorer": "streamfilter.models.perplexity",
 }
 
 if TYPE_CHECKING:  # pragma: no cover

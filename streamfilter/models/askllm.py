@@ -54,7 +54,11 @@ class PromptTokens:
 
 
 class AskLLMScorer:
-    """Scores documents with P("yes" | Ask-LLM prompt). Load with `AskLLMScorer.load(model_dir)`."""
+    """Scores documents with P("yes" | Ask-LLM prompt). Load with `AskLLMScorer.load(model_dir)`.
+
+    `load` returns a `CausalAskLLMScorer` (same interface) when the folder's manifest says
+    `backend: "causal"` (a decoder-only instruction-tuned LLM).
+    """
 
     def __init__(self, manifest: Manifest, session, tokenizer, *, variant: str, max_tokens: int):
         self.manifest = manifest
@@ -66,7 +70,7 @@ class AskLLMScorer:
         self.yes_token_id: int = cfg["yes_token_id"]
         self.no_token_id: int = cfg["no_token_id"]
         self.pad_token_id: int = cfg["pad_token_id"]
-        self.prompt = _prompt_tokens(tokenizer)
+        self.prompt = self._prompt_tokens(tokenizer)
         self.document_budget = self.prompt.document_budget(max_tokens)
         if self.document_budget < 1:
             raise ConfigError(
@@ -93,6 +97,10 @@ class AskLLMScorer:
         from streamfilter.models.runtime import choose_variant, gpu_available, open_variant, resolve_providers
 
         manifest = load_manifest(model_dir, kind="askllm")
+        if manifest.backend == "causal" and cls is AskLLMScorer:
+            from streamfilter.models.askllm_causal import CausalAskLLMScorer
+
+            cls = CausalAskLLMScorer
         if manifest.config.get("prompt_version") != PROMPT_VERSION:
             raise UserError(f"{model_dir}: exported for prompt {manifest.config.get('prompt_version')!r}, "
                             f"this version scores with {PROMPT_VERSION!r}; re-export the model")
@@ -102,6 +110,15 @@ class AskLLMScorer:
         manifest.verify_file(manifest.tokenizer)
         session = open_variant(manifest, variant, providers=providers, intra_op_threads=intra_op_threads)
         return cls(manifest, session, tokenizer, variant=variant, max_tokens=max_tokens)
+
+    @staticmethod
+    def _prompt_tokens(tokenizer) -> PromptTokens:
+        return _prompt_tokens(tokenizer)
+
+    @property
+    def backend(self) -> str:
+        """"seq2seq" (Flan-T5: encoder + one decoder step) or "causal" (decoder-only, chat template)."""
+        return self.manifest.backend
 
     @property
     def provider(self) -> str:

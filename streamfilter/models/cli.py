@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -17,13 +18,15 @@ def register(subparsers) -> None:
     sub = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
 
     exp = sub.add_parser("export", help="export a Hugging Face model with optimum into a model folder")
-    exp.add_argument("kind", choices=["askllm", "embedder"], help="askllm: a Flan-T5; embedder: a sentence-transformers model")
+    exp.add_argument("kind", choices=["askllm", "embedder", "perplexity"],
+                     help="askllm: a Flan-T5 or a decoder-only instruct LLM (detected); embedder: a sentence-transformers "
+                          "model; perplexity: a decoder-only LM (the paper's perplexity baseline)")
     exp.add_argument("--model", required=True, help="hub id (google/flan-t5-small) or local folder")
     exp.add_argument("--out", required=True, type=Path, help="output folder (e.g. onnx_models/flan-t5-small)")
     exp.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     exp.add_argument("--name", default=None, help="display name used in model ids (default: last path part)")
     exp.add_argument("--variants", default=None, help="comma-separated: fp32,int8[,fp16 for askllm] (default: all)")
-    exp.add_argument("--max-tokens", type=int, default=512, help="askllm: prompt length in tokens (default 512)")
+    exp.add_argument("--max-tokens", type=int, default=512, help="askllm/perplexity: tokens per input (default 512)")
     exp.add_argument("--opset", type=int, default=None)
     exp.add_argument("--no-validate", action="store_true", help="skip the check against the PyTorch reference")
     exp.set_defaults(handler=_export)
@@ -33,8 +36,11 @@ def register(subparsers) -> None:
     build.add_argument("--force", action="store_true", help="rebuild even if a valid build exists")
     build.set_defaults(handler=_build_test_models)
 
-    score = sub.add_parser("score", help="score JSON lines {id, text} from stdin; write {id, askllm[, embedding]}")
-    score.add_argument("--askllm", type=Path, default=None, help="Ask-LLM model folder")
+    score = sub.add_parser("score", help="score JSON lines {id, text} from stdin; write {id, askllm[, embedding, perplexity]}")
+    score.add_argument("--askllm", type=Path, default=None,
+                       help="Ask-LLM model folder (a causal one also writes askllm_variants: P summed over yes/Yes/...)")
+    score.add_argument("--perplexity", type=Path, default=None,
+                       help="perplexity model folder (adds mean_nll, nats per token, and perplexity = exp(mean_nll))")
     score.add_argument("--embedder", type=Path, default=None, help="embedder model folder (adds 'embedding')")
     score.add_argument("--variant", default=None, help="fp32, int8 or fp16 (default: best for the device)")
     score.add_argument("--batch-size", type=int, default=16)
@@ -59,6 +65,10 @@ def _export(args: argparse.Namespace) -> int:
         kw["variants"] = tuple(v.strip() for v in args.variants.split(",") if v.strip())
     if args.kind == "askllm":
         out = export.export_askllm(args.model, args.out, max_tokens=args.max_tokens, **kw)
+    elif args.kind == "perplexity":
+        from streamfilter.models.export_causal import export_causal
+
+        out = export_causal(args.model, perplexity_out=args.out, max_tokens=args.max_tokens, **kw)["perplexity"]
     else:
         out = export.export_embedder(args.model, args.out, **kw)
     print(out)
@@ -110,17 +120,24 @@ def _read_jsonl(stream, chunk: int):
 
 
 def _score(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from streamfilter.errors import ConfigError
 
-    if args.askllm is None and args.embedder is None:
-        raise ConfigError("models score: give --askllm DIR and/or --embedder DIR")
+    if args.askllm is None and args.embedder is None and args.perplexity is None:
+        raise ConfigError("models score: give --askllm DIR, --embedder DIR and/or --perplexity DIR")
     providers = [p.strip() for p in args.providers.split(",")] if args.providers else None
-    scorer = embedder = None
+    scorer = embedder = ppl = None
     if args.askllm is not None:
         from streamfilter.models.askllm import AskLLMScorer
 
         scorer = AskLLMScorer.load(args.askllm, max_tokens=args.max_tokens, providers=providers,
                                    intra_op_threads=args.threads, variant=args.variant)
+    if args.perplexity is not None:
+        from streamfilter.models.perplexity import PerplexityScorer
+
+        ppl = PerplexityScorer.load(args.perplexity, max_tokens=args.max_tokens, providers=providers,
+                                    intra_op_threads=args.threads, variant=None if args.variant == "fp16" else args.variant)
     if args.embedder is not None:
         from streamfilter.models.embedder import SentenceEmbedder
 
@@ -138,11 +155,21 @@ def _score(args: argparse.Namespace) -> int:
         texts = [t for _, _, t in batch]
         rows = [{"id": doc_id} for _, doc_id, _ in batch]
         if scorer is not None:
-            p, logp = scorer.score_with_log(texts, batch_size=args.batch_size)
-            for row, pi, li in zip(rows, p.tolist(), logp.tolist()):
-                row["askllm"] = pi
+            if scorer.backend == "causal":
+                yes_no, variants = scorer.log_probs_all(texts, batch_size=args.batch_size)
+                logp = yes_no[:, 0]
+                for row, pv in zip(rows, np.exp(variants.astype(np.float64)).sum(axis=1).tolist()):
+                    row["askllm_variants"] = pv
+            else:
+                logp = scorer.log_score(texts, batch_size=args.batch_size)
+            for row, li in zip(rows, logp.tolist()):
+                row["askllm"] = math.exp(li)
                 if args.log_score:
                     row["askllm_log"] = li
+        if ppl is not None:
+            for row, nll in zip(rows, ppl.mean_nll(texts, batch_size=args.batch_size).tolist()):
+                row["mean_nll"] = nll
+                row["perplexity"] = math.exp(nll) if math.isfinite(nll) else None
         if embedder is not None:
             emb = embedder.embed(texts, batch_size=args.batch_size)
             for row, vec in zip(rows, emb.tolist()):
@@ -152,7 +179,8 @@ def _score(args: argparse.Namespace) -> int:
         out.flush()
         progress.update(len(batch), sum(len(t) for t in texts))
     progress.close()
-    meta = {"askllm": scorer.model_id if scorer else None, "embedder": embedder.model_id if embedder else None}
+    meta = {"askllm": scorer.model_id if scorer else None, "embedder": embedder.model_id if embedder else None,
+            "perplexity": ppl.model_id if ppl else None}
     print(f"scored {progress.docs} documents ({n_bad} skipped) with {json.dumps(meta)}", file=sys.stderr)
     return 0 if n_bad == 0 else 3
 

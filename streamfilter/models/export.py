@@ -99,7 +99,14 @@ def export_askllm(
     t0 = time.monotonic()
     config = AutoConfig.from_pretrained(model, revision=revision)
     if not getattr(config, "is_encoder_decoder", False):
-        raise UserError(f"{model}: Ask-LLM export expects an encoder-decoder (T5-family) model, got {config.model_type!r}")
+        if _is_causal_lm(config):
+            from streamfilter.models.export_causal import export_causal
+
+            return export_causal(model, askllm_out=out, revision=revision, name=name,
+                                 variants=[v for v in variants if v != "fp16"], max_tokens=max_tokens, opset=opset,
+                                 validate=validate)["askllm"]
+        raise UserError(f"{model}: Ask-LLM export expects an encoder-decoder (T5-family) or a decoder-only "
+                        f"causal LM, got {config.model_type!r}")
     tokenizer = AutoTokenizer.from_pretrained(model, revision=revision)
     yes_id, no_id = _single_token(tokenizer, "yes"), _single_token(tokenizer, "no")
     start_id = config.decoder_start_token_id if config.decoder_start_token_id is not None else config.pad_token_id
@@ -130,6 +137,7 @@ def export_askllm(
 
     fields = {
         "kind": "askllm",
+        "backend": "seq2seq",
         "name": name or _display_name(model),
         "source": _source(model, revision, "transformers", getattr(config, "_commit_hash", None)),
         "variants": {v: {"model": f[0], "external_data": f[1:], **_variant_notes(v)} for v, f in files.items()},
@@ -285,6 +293,12 @@ def _pooling_modes(cfg: dict) -> list[str]:
              "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens", "pooling_mode_weightedmean_tokens": "weightedmean",
              "pooling_mode_lasttoken": "lasttoken"}
     return [m for k, m in flags.items() if cfg.get(k)]
+
+
+def _is_causal_lm(config) -> bool:
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 
 def _single_token(tokenizer, word: str) -> int:

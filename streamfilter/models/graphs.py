@@ -291,7 +291,9 @@ def quantize_int8(src: Path, dst: Path, *, exclude_nodes: Sequence[str] = ()) ->
     """
     import logging
 
-    big = src.stat().st_size > EXTERNAL_DATA_THRESHOLD_BYTES
+    # A graph whose weights live in a side file is small itself: count the side files too.
+    side = [f for f in src.parent.glob(src.name + "*") if f != src] + list(src.parent.glob(src.stem + ".onnx_data"))
+    big = src.stat().st_size + sum(f.stat().st_size for f in set(side)) > EXTERNAL_DATA_THRESHOLD_BYTES
     root = logging.getLogger()
     level = root.level
     root.setLevel(max(level, logging.ERROR))  # the quantizer logs one INFO line per tensor on the root logger
@@ -360,3 +362,182 @@ def mixed_precision(model: onnx.ModelProto, dtype: str = "float16", pattern: re.
     _replace(g.initializer, kept)
     del g.value_info[:]  # shapes/dtypes changed; ORT re-infers
     return out, converted
+
+
+# --- decoder-only (causal) language models ---------------------------------------------------
+
+CAUSAL_ASKLLM_VARIANTS_OUTPUT = "log_probs_yes_variants"
+PERPLEXITY_OUTPUTS = ("nll_sum", "n_predicted")
+
+
+def _causal_prelude(model: onnx.ModelProto, p: str) -> None:
+    """Check optimum's text-generation graph and make `position_ids` inside it from the mask.
+
+    Positions are `cumsum(mask) - 1` clipped at 0 (what transformers does without a cache),
+    so right and left padding both give each real token its position in its own text.
+    """
+    g = model.graph
+    _only(g.input, "input_ids", "causal LM")
+    _only(g.input, "attention_mask", "causal LM")
+    _only(g.output, "logits", "causal LM")
+    if any(i.name.startswith("past_key_values") for i in g.input):
+        raise UserError("the causal LM was exported with a KV cache; export the `text-generation` task without past")
+    if any(i.name == "position_ids" for i in g.input):
+        _replace(g.input, [i for i in g.input if i.name != "position_ids"])
+        _const(g, p + "one_i64", np.array(1, dtype=np.int64))
+        _const(g, p + "zero_i64", np.array(0, dtype=np.int64))
+        g.node.insert(0, helper.make_node("Cast", ["attention_mask"], [p + "mask_i64"], to=TensorProto.INT64,
+                                          name=p + "MaskI64"))
+        g.node.insert(1, helper.make_node("CumSum", [p + "mask_i64", p + "one_i64"], [p + "cumsum"], name=p + "CumSum"))
+        g.node.insert(2, helper.make_node("Sub", [p + "cumsum", p + "one_i64"], [p + "pos_raw"], name=p + "PosSub"))
+        g.node.insert(3, helper.make_node("Max", [p + "pos_raw", p + "zero_i64"], ["position_ids"], name=p + "PosClip"))
+    del g.output[:]
+
+
+def _log_softmax_at(g: onnx.GraphProto, logits: str, p: str) -> str:
+    """Nodes computing logsumexp over the last axis of fp32 `logits` (keepdims); returns its name.
+
+    max + log(sum(exp(x - max))) spelled out: ORT's ReduceLogSumExp was measured 6e-4 off
+    in log space on a 32k vocabulary.
+    """
+    _const(g, p + "vocab_axis", np.array([-1], dtype=np.int64))
+    g.node.extend([
+        helper.make_node("ReduceMax", [logits, p + "vocab_axis"], [p + "max"], keepdims=1, name=p + "Max"),
+        helper.make_node("Sub", [logits, p + "max"], [p + "shifted"], name=p + "Shift"),
+        helper.make_node("Exp", [p + "shifted"], [p + "exp"], name=p + "Exp"),
+        helper.make_node("ReduceSum", [p + "exp", p + "vocab_axis"], [p + "sum"], keepdims=1, name=p + "Sum"),
+        helper.make_node("Log", [p + "sum"], [p + "log_sum"], name=p + "Log"),
+        helper.make_node("Add", [p + "max", p + "log_sum"], [p + "lse"], name=p + "LogSumExp"),
+    ])
+    return p + "lse"
+
+
+def causal_askllm_graph(base: onnx.ModelProto, *, yes_token_id: int, no_token_id: int,
+                        yes_variant_ids: Sequence[int], check: bool = True) -> onnx.ModelProto:
+    """optimum's causal-LM graph → `(input_ids, attention_mask) -> log_probs [batch, 2],
+    log_probs_yes_variants [batch, n_variants]`: full-vocabulary log-softmax at the last real
+    token of each row (where the answer starts), evaluated only at the given ids.
+
+    The LM head runs on that one position only: the hidden states are gathered before the
+    head's MatMul, so the [batch, seq, vocab] logits are never computed.
+    """
+    model = onnx.ModelProto()
+    model.CopyFrom(base)
+    g = model.graph
+    g.name = "askllm_causal"
+    p = "askllm/"
+    _causal_prelude(model, p)
+    producer = next(n for n in g.node if "logits" in n.output)
+    init_names = {i.name for i in g.initializer}
+    if producer.op_type == "MatMul" and producer.input[1] in init_names:
+        hidden, head_weight = producer.input[0], producer.input[1]
+        _replace(g.node, [n for n in g.node if n is not producer])
+    else:  # unknown head: gather the logits rows instead (correct, only slower)
+        hidden, head_weight = "logits", None
+    # Row b's answer position: (number of real tokens) - 1 for right padding; the last column
+    # for left padding. `last = S - 1 - (argmax of the reversed mask)` covers both: it is
+    # the index of the last 1 in the row.
+    _const(g, p + "seq_axis", np.array([1], dtype=np.int64))
+    _const(g, p + "minus_one", np.array([-1], dtype=np.int64))
+    _const(g, p + "zero1", np.array([0], dtype=np.int64))
+    _const(g, p + "one1", np.array([1], dtype=np.int64))
+    _const(g, p + "two1", np.array([2], dtype=np.int64))
+    _const(g, p + "three1", np.array([3], dtype=np.int64))
+    _const(g, p + "zero_s", np.array(0, dtype=np.int64))
+    _const(g, p + "one_s", np.array(1, dtype=np.int64))
+    _const(g, p + "yes_no", np.array([yes_token_id, no_token_id], dtype=np.int64))
+    _const(g, p + "variants", np.array(list(yes_variant_ids), dtype=np.int64))
+    g.node.extend([
+        helper.make_node("Cast", ["attention_mask"], [p + "mask64"], to=TensorProto.INT64, name=p + "Mask64"),
+        helper.make_node("Shape", ["input_ids"], [p + "ids_shape"], name=p + "IdsShape"),
+        helper.make_node("Gather", [p + "ids_shape", p + "zero_s"], [p + "batch"], axis=0, name=p + "Batch"),
+        helper.make_node("Gather", [p + "ids_shape", p + "one_s"], [p + "seq"], axis=0, name=p + "Seq"),
+        # positions j where mask is 1, weighted by j+1: the max of (j+1)*mask minus 1 is the last real index.
+        helper.make_node("Range", [p + "zero_s", p + "seq", p + "one_s"], [p + "cols"], name=p + "Cols"),
+        helper.make_node("Add", [p + "cols", p + "one_s"], [p + "cols1"], name=p + "Cols1"),
+        helper.make_node("Mul", [p + "mask64", p + "cols1"], [p + "weighted"], name=p + "Weighted"),
+        helper.make_node("ReduceMax", [p + "weighted", p + "seq_axis"], [p + "last1"], keepdims=0, name=p + "Last1"),
+        helper.make_node("Sub", [p + "last1", p + "one_s"], [p + "last"], name=p + "Last"),
+        helper.make_node("Range", [p + "zero_s", p + "batch", p + "one_s"], [p + "rows"], name=p + "Rows"),
+        helper.make_node("Mul", [p + "rows", p + "seq"], [p + "row_start"], name=p + "RowStart"),
+        helper.make_node("Add", [p + "row_start", p + "last"], [p + "flat_index"], name=p + "FlatIndex"),
+        # hidden [B, S, D] -> [B*S, D] -> rows [B, D]
+        helper.make_node("Shape", [hidden], [p + "hidden_shape"], name=p + "HiddenShape"),
+        helper.make_node("Slice", [p + "hidden_shape", p + "two1", p + "three1"], [p + "hidden_dim"], name=p + "HiddenDim"),
+        helper.make_node("Concat", [p + "minus_one", p + "hidden_dim"], [p + "flat_shape"], axis=0, name=p + "FlatShape"),
+        helper.make_node("Reshape", [hidden, p + "flat_shape"], [p + "flat_hidden"], name=p + "Flatten"),
+        helper.make_node("Gather", [p + "flat_hidden", p + "flat_index"], [p + "answer_hidden"], axis=0, name=p + "AnswerRow"),
+    ])
+    if head_weight is not None:
+        g.node.append(helper.make_node("MatMul", [p + "answer_hidden", head_weight], [p + "answer_logits"],
+                                       name=p + "lm_head/MatMul"))
+    else:
+        g.node.append(helper.make_node("Identity", [p + "answer_hidden"], [p + "answer_logits"], name=p + "AnswerLogits"))
+    g.node.append(helper.make_node("Cast", [p + "answer_logits"], [p + "logits32"], to=TensorProto.FLOAT, name=p + "Cast"))
+    lse = _log_softmax_at(g, p + "logits32", p)
+    g.node.extend([
+        helper.make_node("Gather", [p + "logits32", p + "yes_no"], [p + "yes_no_logits"], axis=1, name=p + "GatherYesNo"),
+        helper.make_node("Sub", [p + "yes_no_logits", lse], [ASKLLM_OUTPUT], name=p + "YesNo"),
+        helper.make_node("Gather", [p + "logits32", p + "variants"], [p + "variant_logits"], axis=1, name=p + "GatherVariants"),
+        helper.make_node("Sub", [p + "variant_logits", lse], [CAUSAL_ASKLLM_VARIANTS_OUTPUT], name=p + "Variants"),
+    ])
+    g.output.append(helper.make_tensor_value_info(ASKLLM_OUTPUT, TensorProto.FLOAT, ["batch_size", 2]))
+    g.output.append(helper.make_tensor_value_info(CAUSAL_ASKLLM_VARIANTS_OUTPUT, TensorProto.FLOAT,
+                                                  ["batch_size", len(yes_variant_ids)]))
+    model = prune(model, ["input_ids", "attention_mask"], [ASKLLM_OUTPUT, CAUSAL_ASKLLM_VARIANTS_OUTPUT])
+    del g.value_info[:]  # shapes of the rewired head changed; ORT re-infers
+    if check:
+        onnx.checker.check_model(model, full_check=False)
+    return model
+
+
+def perplexity_graph(base: onnx.ModelProto, *, check: bool = True) -> onnx.ModelProto:
+    """optimum's causal-LM graph → `(input_ids, attention_mask) -> nll_sum [batch], n_predicted [batch]`.
+
+    nll_sum[b] = -Σ_t log P(x[b, t+1] | x[b, ≤t]) over the pairs where both tokens are real
+    (mask 1), n_predicted[b] the number of such pairs: the mean per-token NLL (log
+    perplexity) is their ratio. The per-position log-softmax stays inside the graph.
+    """
+    model = onnx.ModelProto()
+    model.CopyFrom(base)
+    g = model.graph
+    g.name = "perplexity"
+    p = "ppl/"
+    _causal_prelude(model, p)
+    _const(g, p + "zero1", np.array([0], dtype=np.int64))
+    _const(g, p + "one1", np.array([1], dtype=np.int64))
+    _const(g, p + "minus_one1", np.array([-1], dtype=np.int64))
+    _const(g, p + "big", np.array([1 << 62], dtype=np.int64))
+    _const(g, p + "seq_axis", np.array([1], dtype=np.int64))
+    _const(g, p + "last_axis", np.array([-1], dtype=np.int64))
+    g.node.append(helper.make_node("Cast", ["logits"], [p + "logits32"], to=TensorProto.FLOAT, name=p + "Cast"))
+    lse = _log_softmax_at(g, p + "logits32", p)  # [B, S, 1]
+    g.node.extend([
+        # targets: the next token, shifted left; the last column gets token 0 and weight 0.
+        helper.make_node("Slice", ["input_ids", p + "one1", p + "big", p + "seq_axis"], [p + "next_ids"], name=p + "NextIds"),
+        helper.make_node("Slice", ["input_ids", p + "zero1", p + "one1", p + "seq_axis"], [p + "first_col"], name=p + "FirstCol"),
+        helper.make_node("Mul", [p + "first_col", p + "zero1"], [p + "zero_col"], name=p + "ZeroCol"),
+        helper.make_node("Concat", [p + "next_ids", p + "zero_col"], [p + "targets"], axis=1, name=p + "Targets"),
+        helper.make_node("Unsqueeze", [p + "targets", p + "last_axis"], [p + "targets3"], name=p + "Targets3"),
+        helper.make_node("GatherElements", [p + "logits32", p + "targets3"], [p + "target_logit"], axis=2,
+                         name=p + "TargetLogit"),
+        helper.make_node("Sub", [lse, p + "target_logit"], [p + "nll3"], name=p + "Nll"),
+        helper.make_node("Squeeze", [p + "nll3", p + "last_axis"], [p + "nll"], name=p + "NllSqueeze"),
+        # weight[t] = mask[t] * mask[t+1]
+        helper.make_node("Cast", ["attention_mask"], [p + "mask_f"], to=TensorProto.FLOAT, name=p + "MaskF"),
+        helper.make_node("Slice", [p + "mask_f", p + "one1", p + "big", p + "seq_axis"], [p + "next_mask"], name=p + "NextMask"),
+        helper.make_node("Slice", [p + "mask_f", p + "zero1", p + "one1", p + "seq_axis"], [p + "mask_col"], name=p + "MaskCol"),
+        helper.make_node("Mul", [p + "mask_col", p + "zero1_f"], [p + "zero_col_f"], name=p + "ZeroColF"),
+        helper.make_node("Concat", [p + "next_mask", p + "zero_col_f"], [p + "next_mask_full"], axis=1, name=p + "NextMaskFull"),
+        helper.make_node("Mul", [p + "mask_f", p + "next_mask_full"], [p + "weight"], name=p + "Weight"),
+        helper.make_node("Mul", [p + "nll", p + "weight"], [p + "weighted_nll"], name=p + "WeightedNll"),
+        helper.make_node("ReduceSum", [p + "weighted_nll", p + "seq_axis"], [PERPLEXITY_OUTPUTS[0]], keepdims=0, name=p + "NllSum"),
+        helper.make_node("ReduceSum", [p + "weight", p + "seq_axis"], [PERPLEXITY_OUTPUTS[1]], keepdims=0, name=p + "Count"),
+    ])
+    _const(g, p + "zero1_f", np.array([0.0], dtype=np.float32))
+    for name in PERPLEXITY_OUTPUTS:
+        g.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch_size"]))
+    model = prune(model, ["input_ids", "attention_mask"], list(PERPLEXITY_OUTPUTS))
+    if check:
+        onnx.checker.check_model(model, full_check=False)
+    return model

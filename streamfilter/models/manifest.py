@@ -18,7 +18,8 @@ from streamfilter.errors import UserError
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
-KINDS = ("askllm", "embedder")
+KINDS = ("askllm", "embedder", "perplexity")
+BACKENDS = ("seq2seq", "causal")
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -38,7 +39,7 @@ class Manifest:
     """A parsed manifest. `files` maps a file name (relative to `root`) to its sha256 and size."""
 
     root: Path
-    kind: str  # "askllm" | "embedder"
+    kind: str  # "askllm" | "embedder" | "perplexity"
     name: str  # short display name, e.g. "flan-t5-small"
     source: dict[str, Any]  # {"model": ..., "revision": ..., "library": ...}
     files: dict[str, dict[str, Any]]  # name -> {"sha256": hex, "bytes": int}
@@ -46,6 +47,11 @@ class Manifest:
     tokenizer: str  # file name of the HF tokenizers JSON
     config: dict[str, Any]  # kind-specific settings (token ids, prompt version, pooling, dim, ...)
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
+
+    @property
+    def backend(self) -> str:
+        """askllm/perplexity: "seq2seq" or "causal" (manifests written before backends existed: seq2seq)."""
+        return self.raw.get("backend", "seq2seq")
 
     def path(self, name: str) -> Path:
         return self.root / name
@@ -103,6 +109,8 @@ def load_manifest(model_dir: str | Path, kind: str | None = None) -> Manifest:
         raise UserError(f"{path}: missing field {exc.args[0]!r}") from None
     if m.kind not in KINDS:
         raise UserError(f"{path}: unknown kind {m.kind!r} (expected one of {', '.join(KINDS)})")
+    if m.backend not in BACKENDS:
+        raise UserError(f"{path}: unknown backend {m.backend!r} (expected one of {', '.join(BACKENDS)})")
     if kind is not None and m.kind != kind:
         raise UserError(f"{root}: holds a {m.kind!r} model, not an {kind!r} model")
     for variant, spec in m.variants.items():

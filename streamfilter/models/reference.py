@@ -52,3 +52,39 @@ class TorchAskLLM:
             logits = self.model(input_ids=torch.as_tensor(input_ids), attention_mask=torch.as_tensor(attention_mask),
                                 decoder_input_ids=start).logits[:, 0, :].float()
             return torch.log_softmax(logits, dim=-1)[:, self.yes_id].numpy()
+
+
+class TorchCausalLM:
+    """A decoder-only LM in PyTorch eager mode, one unpadded sequence at a time (the plainest reference)."""
+
+    def __init__(self, model):
+        import torch
+
+        self.torch = torch
+        self.model = model.eval()
+
+    @classmethod
+    def load(cls, model: str, *, revision: str | None = None) -> "TorchCausalLM":
+        from transformers import AutoModelForCausalLM
+
+        return cls(AutoModelForCausalLM.from_pretrained(model, revision=revision, dtype="float32"))
+
+    def answer_log_probs(self, prompts_ids: Sequence[Sequence[int]], token_ids: Sequence[int]) -> np.ndarray:
+        """float32 [n, len(token_ids)]: log-softmax of the next token after each prompt, at `token_ids`."""
+        torch = self.torch
+        out = np.empty((len(prompts_ids), len(token_ids)), dtype=np.float32)
+        with torch.inference_mode():
+            for i, ids in enumerate(prompts_ids):
+                logits = self.model(input_ids=torch.tensor([list(ids)])).logits[0, -1].float()
+                out[i] = torch.log_softmax(logits, dim=-1)[list(token_ids)].numpy()
+        return out
+
+    def mean_nll(self, docs_ids: Sequence[Sequence[int]]) -> np.ndarray:
+        """float32 [n]: transformers' loss with labels = input ids (mean NLL of tokens 2..L)."""
+        torch = self.torch
+        out = np.empty(len(docs_ids), dtype=np.float32)
+        with torch.inference_mode():
+            for i, ids in enumerate(docs_ids):
+                x = torch.tensor([list(ids)])
+                out[i] = float(self.model(input_ids=x, labels=x).loss)
+        return out

@@ -211,3 +211,117 @@ def _lock(path: Path):
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# --- a decoder-only chat model (issue 7: causal Ask-LLM and perplexity) ----------------------
+
+CAUSAL_TEST_MODELS_VERSION = 1
+CAUSAL_STAMP = "causal-test-models.json"
+TINY_QWEN2 = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=False)
+CAUSAL_VOCAB_SIZE = 2000
+# Qwen2.5's chat format (ChatML with a default system turn).
+CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class CausalTestModels:
+    askllm: Path  # exported causal Ask-LLM folder (fp32, int8)
+    perplexity: Path  # exported perplexity folder (fp32, int8)
+    source: Path  # the Hugging Face folder both were exported from
+
+
+def _causal_paths(root: Path) -> CausalTestModels:
+    return CausalTestModels(askllm=root / "askllm-causal-tiny", perplexity=root / "perplexity-tiny",
+                            source=root / "sources" / "causal-tiny")
+
+
+def ensure_causal_test_models(root: str | Path | None = None) -> CausalTestModels:
+    """A tiny random-weight Qwen2 chat model (byte-level BPE trained on the Wikipedia summaries,
+    ChatML template), exported as Ask-LLM and perplexity folders; built once (~20 s)."""
+    from streamfilter.models.manifest import load_manifest
+
+    root = Path(root) if root is not None else default_root()
+    root.mkdir(parents=True, exist_ok=True)
+    paths = _causal_paths(root)
+
+    def valid() -> bool:
+        try:
+            if json.loads((root / CAUSAL_STAMP).read_text()).get("version") != CAUSAL_TEST_MODELS_VERSION:
+                return False
+            for folder in (paths.askllm, paths.perplexity):
+                load_manifest(folder).verify_all()
+            return paths.source.is_dir()
+        except (OSError, ValueError, UserError):
+            return False
+
+    if valid():
+        return paths
+    with _lock(root / ".lock-causal"):
+        if valid():
+            return paths
+        import torch
+
+        from streamfilter.models.export_causal import export_causal
+
+        (root / CAUSAL_STAMP).unlink(missing_ok=True)
+        torch.manual_seed(0)
+        _build_causal_source(paths.source)
+        export_causal(str(paths.source), askllm_out=paths.askllm, perplexity_out=paths.perplexity,
+                      name="causal-tiny", max_tokens=512)
+        (root / CAUSAL_STAMP).write_text(json.dumps({"version": CAUSAL_TEST_MODELS_VERSION}) + "\n")
+    return paths
+
+
+def _build_causal_source(out: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    from streamfilter.corpus import wiki_documents
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=CAUSAL_VOCAB_SIZE, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    bpe.train_from_iterator([d.text for d in wiki_documents()[:3000]], trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                        chat_template=CHAT_TEMPLATE)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=bpe.get_vocab_size(), **TINY_QWEN2)).eval()
+    _spread_causal_yes(model, tokenizer)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _spread_causal_yes(model, tokenizer) -> None:
+    """As `_spread_yes_no`, for the causal model: the answer-position logits of "yes"/"no" follow the
+    main direction of variation of the last hidden state, so P(yes) spreads over (0, 1)."""
+    import torch
+
+    from streamfilter.corpus import junk_documents, wiki_documents
+    from streamfilter.models.askllm import make_prompt
+
+    texts = [d.text for d in wiki_documents()[:40]] + [d.text for d in junk_documents(40, seed=1)]
+    states = []
+    with torch.no_grad():
+        for t in texts:
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": make_prompt(t)}], add_generation_prompt=True,
+                                                return_tensors="pt")
+            states.append(model(input_ids=ids, output_hidden_states=True).hidden_states[-1][0, -1])
+        h = model.model.norm(torch.stack(states))
+        mean = h.mean(0)
+        direction = torch.linalg.svd(h - mean, full_matrices=False).Vh[0]
+        z_scale = ((h - mean) @ direction).std()
+        offset = float(torch.log(torch.tensor(float(model.config.vocab_size))))
+        w = 2.0 * direction / z_scale
+        w_const = (offset - mean @ w) * mean / (mean @ mean)
+        head = model.lm_head.weight
+        head.mul_(1e-3)
+        yes = tokenizer("yes", add_special_tokens=False)["input_ids"][0]
+        no = tokenizer("no", add_special_tokens=False)["input_ids"][0]
+        head[yes] = w_const + w
+        head[no] = w_const - w

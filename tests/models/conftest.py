@@ -48,3 +48,24 @@ def sample_texts():
     wiki = [d.text for d in wiki_documents()[:16]]
     junk = [d.text for d in junk_documents(8, seed=3)]
     return wiki + junk + ["Short.", "Paris is the capital of France."]
+
+
+@pytest.fixture(scope="session")
+def causal_models():
+    from streamfilter.models.testmodels import ensure_causal_test_models
+
+    return ensure_causal_test_models(os.environ.get("STREAMFILTER_TEST_MODELS_DIR"))
+
+
+@pytest.fixture(scope="session")
+def causal_askllm(causal_models):
+    from streamfilter.models import AskLLMScorer
+
+    return AskLLMScorer.load(causal_models.askllm, variant="fp32")
+
+
+@pytest.fixture(scope="session")
+def torch_causal(causal_models):
+    from streamfilter.models.reference import TorchCausalLM
+
+    return TorchCausalLM.load(str(causal_models.source))

@@ -1,0 +1,67 @@
+"""Ask-LLM with a decoder-only instruction-tuned LLM (backend "causal").
+
+The paper's prompt (the same text as for Flan-T5) is the user turn of the model's chat
+template, with the generation prompt added; one forward pass over the whole prompt gives
+the distribution of the answer's first token at the last real position. The score is
+P(first token of "yes"); the summed probability of its case/space variants ("Yes",
+" yes", ...) is reported beside it (`score_variants`). The chat frame is rendered at
+export time and stored in the manifest, so this needs only `tokenizers`.
+
+The graph (see `graphs.causal_askllm_graph`) finds the answer position from the attention
+mask, so right padding (used here) and left padding give the same scores.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from streamfilter.errors import ConfigError
+from streamfilter.models.askllm import PROMPT_PREFIX, PROMPT_SUFFIX, AskLLMScorer, PromptTokens
+from streamfilter.models.text import length_buckets, pad_batch
+
+
+class CausalAskLLMScorer(AskLLMScorer):
+    """`AskLLMScorer` for decoder-only chat models; `AskLLMScorer.load` returns one for causal folders."""
+
+    def __init__(self, manifest, session, tokenizer, *, variant: str, max_tokens: int):
+        self._chat = (manifest.config["chat_prefix"], manifest.config["chat_suffix"])
+        super().__init__(manifest, session, tokenizer, variant=variant, max_tokens=max_tokens)
+        self.yes_variant_ids: list[int] = list(manifest.config["yes_variant_ids"])
+
+    def _prompt_tokens(self, tokenizer) -> PromptTokens:
+        # Chat frame and the paper's prompt around the document, each side tokenized as one string
+        # (the pre-tokenizer splits at the newlines that bound the document, so this equals
+        # tokenizing the whole rendered chat; a test checks it). No post-processor tokens: the
+        # chat template writes its own special tokens, as transformers' apply_chat_template does.
+        before, after = self._chat
+        return PromptTokens(prefix=tokenizer.encode(before + PROMPT_PREFIX, add_special_tokens=False).ids,
+                            suffix=tokenizer.encode(PROMPT_SUFFIX + after, add_special_tokens=False).ids, end=[])
+
+    def prompt_text(self, text: str) -> str:
+        """The whole rendered chat for `text` (untruncated; for reading and references)."""
+        before, after = self._chat
+        return before + PROMPT_PREFIX + text + PROMPT_SUFFIX + after
+
+    def log_probs_all(self, texts: Sequence[str], batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+        """(float32 [n, 2] log P(yes), log P(no); float32 [n, k] log P of each yes variant)."""
+        if batch_size < 1:
+            raise ConfigError(f"batch_size: must be >= 1, got {batch_size}")
+        yes_no = np.empty((len(texts), 2), dtype=np.float32)
+        variants = np.empty((len(texts), len(self.yes_variant_ids)), dtype=np.float32)
+        if not len(texts):
+            return yes_no, variants
+        ids = self.prompt_ids(texts)
+        for batch in length_buckets([len(s) for s in ids], batch_size):
+            input_ids, mask = pad_batch([ids[i] for i in batch], self.pad_token_id)
+            yes_no[batch], variants[batch] = self.session.run({"input_ids": input_ids, "attention_mask": mask})
+        return yes_no, variants
+
+    def log_probs(self, texts: Sequence[str], batch_size: int = 16) -> np.ndarray:
+        return self.log_probs_all(texts, batch_size=batch_size)[0]
+
+    def score_variants(self, texts: Sequence[str], batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+        """(P(first token of "yes"), Σ P over the yes variants), float32 [n] each."""
+        yes_no, variants = self.log_probs_all(texts, batch_size=batch_size)
+        return np.exp(yes_no[:, 0]).astype(np.float32), np.exp(variants.astype(np.float64)).sum(axis=1).astype(np.float32)
