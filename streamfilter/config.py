@@ -65,6 +65,7 @@ class TopicsConfig:
 class ModelsConfig:
     askllm: str = "onnx_models/flan-t5-small"
     embedder: str = "onnx_models/sentence-t5-base"
+    perplexity: str = ""  # optional: a perplexity model folder; scored records then carry mean NLL
     max_tokens: int = 512
     variant: str = "auto"  # auto | fp32 | int8
     intra_op_threads: int = 0  # 0 = onnxruntime's default

@@ -60,6 +60,10 @@ class ScoredRecord:
     embedder_model: str
     source: tuple[str, int, int]  # topic, partition, offset of the raw record
     extra: dict = field(default_factory=dict)
+    # The paper's perplexity baseline (models.perplexity): mean per-token NLL in nats. Optional:
+    # absent from the encoding when None, so records without it read as before.
+    perplexity: float | None = None
+    perplexity_model: str | None = None
 
 
 def decode_raw(value: bytes | None, max_doc_bytes: int) -> Document:
@@ -147,6 +151,8 @@ def encode_scored(record: ScoredRecord) -> bytes:
         "embedder_model": record.embedder_model,
         "source": list(record.source),
         **({"extra": record.extra} if record.extra else {}),
+        **({"perplexity": float(record.perplexity), "perplexity_model": record.perplexity_model}
+           if record.perplexity is not None else {}),
     }, use_bin_type=True)
 
 
@@ -162,6 +168,8 @@ def decode_scored(value: bytes | None) -> ScoredRecord:
             document=document_from_map(obj["doc"]), askllm=float(obj["askllm"]), embedding=embedding,
             askllm_model=str(obj["askllm_model"]), embedder_model=str(obj["embedder_model"]),
             source=(str(topic), int(partition), int(offset)), extra=obj.get("extra") or {},
+            perplexity=float(obj["perplexity"]) if obj.get("perplexity") is not None else None,
+            perplexity_model=str(obj["perplexity_model"]) if obj.get("perplexity_model") is not None else None,
         )
     except InvalidDocument as exc:
         raise InvalidDocument("bad_scored_record", str(exc)) from None

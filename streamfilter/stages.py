@@ -41,10 +41,11 @@ class ScoreTransform:
 
     stage = "score"
 
-    def __init__(self, config: Config, scorer=None, embedder=None):
+    def __init__(self, config: Config, scorer=None, embedder=None, perplexity=None):
         self.config = config
         self.scorer = scorer  # AskLLMScorer-like: score(texts, batch_size) -> [n] P(yes); model_id
         self.embedder = embedder  # SentenceEmbedder-like: embed(texts, batch_size) -> [n, dim]; model_id, dim
+        self.perplexity = perplexity  # optional PerplexityScorer-like: score(texts, batch_size) -> [n] mean NLL
 
     def load(self) -> None:
         """Load the configured models (unless models were given to the constructor)."""
@@ -57,8 +58,13 @@ class ScoreTransform:
         threads = m.intra_op_threads or None
         self.scorer = AskLLMScorer.load(m.askllm, max_tokens=m.max_tokens, variant=variant, intra_op_threads=threads)
         self.embedder = SentenceEmbedder.load(m.embedder, dtype="float16", variant=variant, intra_op_threads=threads)
-        log.info("score: Ask-LLM %s, embedder %s (dim %d)", self.scorer.model_id, self.embedder.model_id,
-                 self.embedder.dim)
+        if m.perplexity and self.perplexity is None:
+            from streamfilter.models.perplexity import PerplexityScorer
+
+            self.perplexity = PerplexityScorer.load(m.perplexity, max_tokens=m.max_tokens, variant=variant,
+                                                    intra_op_threads=threads)
+        log.info("score: Ask-LLM %s, embedder %s (dim %d)%s", self.scorer.model_id, self.embedder.model_id,
+                 self.embedder.dim, f", perplexity {self.perplexity.model_id}" if self.perplexity else "")
 
     def __call__(self, records: list) -> list[Output]:
         outputs: list[Output] = []
@@ -72,13 +78,24 @@ class ScoreTransform:
         if good:
             good, scores, embeddings, rejected = self._infer(good)
             outputs.extend(rejected)
-            for (record, doc), score, embedding in zip(good, scores.tolist(), embeddings):
+            nlls = self._perplexity([doc.text for _, doc in good])
+            for (record, doc), score, embedding, nll in zip(good, scores.tolist(), embeddings, nlls):
                 metrics.ASKLLM_SCORE.observe(score)
                 scored = ScoredRecord(doc, score, embedding, self.scorer.model_id, self.embedder.model_id,
-                                      (record.topic, record.partition, record.offset))
+                                      (record.topic, record.partition, record.offset), perplexity=nll,
+                                      perplexity_model=self.perplexity.model_id if self.perplexity else None)
                 outputs.append(Output(self.config.topics.scored, encode_scored(scored), key=doc.id.encode()))
             metrics.DOCUMENTS.labels(self.stage, "scored").inc(len(good))
         return outputs
+
+    def _perplexity(self, texts: list[str]) -> list[float | None]:
+        """Mean NLL per document when a perplexity model is configured, else None per document."""
+        if self.perplexity is None:
+            return [None] * len(texts)
+        t0 = time.perf_counter()
+        nll = self.perplexity.score(texts, batch_size=self.config.models.inference_batch_docs)
+        metrics.INFERENCE_SECONDS.labels("perplexity").observe(time.perf_counter() - t0)
+        return nll.tolist()
 
     def _infer(self, good):
         """Score a batch; a document the models refuse goes to the DLQ alone, the rest are kept."""

@@ -103,3 +103,15 @@ def test_bad_scored_records_are_invalid_documents(value):
     with pytest.raises(InvalidDocument) as info:
         decode_scored(value)
     assert info.value.reason == "bad_scored_record"
+
+
+def test_scored_record_perplexity_is_optional_and_round_trips():
+    doc = Document(id="d1", text="hello")
+    emb = np.arange(4, dtype=np.float16)
+    plain = ScoredRecord(doc, 0.25, emb, "askllm@abc", "emb@def", ("crawl.raw", 3, 17))
+    assert "perplexity" not in msgpack.unpackb(encode_scored(plain))  # records without it are unchanged
+    assert decode_scored(encode_scored(plain)).perplexity is None
+    rec = ScoredRecord(doc, 0.25, emb, "askllm@abc", "emb@def", ("crawl.raw", 3, 17), perplexity=3.5,
+                       perplexity_model="ppl@123")
+    back = decode_scored(encode_scored(rec))
+    assert back.perplexity == 3.5 and back.perplexity_model == "ppl@123" and back.askllm == 0.25
