@@ -130,10 +130,11 @@ def main() -> None:
     print(f"<!-- numpy {np.__version__}; {blas}; {os.cpu_count()} CPUs -->")
     if "overhead" not in args.skip:
         overhead(args.dim, args.k, args.batch, args.repeats)
+    k = DEFAULT_K if DEFAULT_K in args.k else args.k[0]
     if "snapshot" not in args.skip:
-        snapshots(args.dim, args.k[0])
+        snapshots(args.dim, k)
     if "kde" not in args.skip:
-        exact_kde_speedup(args.dim, args.k[0], args.kde_n, args.kde_probe)
+        exact_kde_speedup(args.dim, k, args.kde_n, args.kde_probe)
 
 
 if __name__ == "__main__":

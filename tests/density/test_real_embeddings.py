@@ -27,12 +27,17 @@ def kl_from_uniform(p: np.ndarray, labels: np.ndarray, names: np.ndarray) -> flo
 
 
 def test_defaults_track_the_exact_lsh_kernel(wiki):
+    """Kendall tau 0.60 measured at the defaults on all ~10k documents (bench/RESULTS.md); K=1 gets ~0.36."""
     x, _ = wiki
-    x = x[np.random.default_rng(0).choice(len(x), 3000, replace=False)]
-    sketch = RaceSketch.create(x.shape[1])  # the defaults: R=1000, B=20000, K=8, w=1
+    sketch = RaceSketch.create(x.shape[1])  # the defaults: R=1000, B=20000, K=8, w=1.5
     sketch.add(x)
-    exact = lsh_kernel(np.sqrt(np.maximum(2 - 2 * (x @ x.T), 0)), DEFAULT_WIDTH, DEFAULT_K).sum(axis=1)
-    assert kendalltau(sketch.query(x), exact).statistic > 0.75
+    exact = np.zeros(len(x))
+    for lo in range(0, len(x), 2000):
+        d = np.sqrt(np.maximum(2 - 2 * (x[lo:lo + 2000] @ x.T), 0))
+        exact[lo:lo + 2000] = lsh_kernel(d, DEFAULT_WIDTH, DEFAULT_K).sum(axis=1)
+    est = sketch.query(x)
+    assert kendalltau(est, exact).statistic > 0.5
+    assert np.median(est / exact) == pytest.approx(1.0, abs=0.1)  # debiased: the right scale, not just the ranks
 
 
 def over_represented_stream(x, topics, big: str, copies: bool, rng):
