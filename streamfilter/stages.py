@@ -249,7 +249,10 @@ def decide_scored(prepared, scored: list[ScoredRecord]) -> list:
     ids = [s.document.id for s in scored]
     askllm = np.fromiter((s.askllm for s in scored), dtype=np.float64, count=len(scored))
     embeddings = np.stack([s.embedding for s in scored]).astype(np.float32) if prepared.sketch is not None else None
-    return prepared.decide(ids, askllm, embeddings)
+    perplexity = None
+    if getattr(prepared, "perplexity_threshold", None) is not None:
+        perplexity = np.array([np.nan if s.perplexity is None else s.perplexity for s in scored], dtype=np.float64)
+    return prepared.decide(ids, askllm, embeddings, perplexity)
 
 
 def decision_headers(decision, scored: ScoredRecord) -> list[tuple[str, bytes]]:
@@ -396,7 +399,7 @@ class SketchAggregator:
             self._observe_lag()  # so that lag falls to 0 once caught up
             return
         metrics.INPUT_DOCUMENTS.labels(self.stage).inc(len(records))
-        ids, embeddings, askllm, coords = [], [], [], []
+        ids, embeddings, askllm, coords, nll = [], [], [], [], []
         for record in records:
             try:
                 scored = decode_scored(record.value)
@@ -408,12 +411,13 @@ class SketchAggregator:
             ids.append(scored.document.id)
             embeddings.append(scored.embedding)
             askllm.append(scored.askllm)
+            nll.append(np.nan if scored.perplexity is None else scored.perplexity)
             coords.append((record.topic, record.partition, record.offset))
         if ids:
             emb = np.stack(embeddings).astype(np.float32)
             if self.state is None:
                 self.state = self._new_state(emb.shape[1])
-            added = self.state.on_batch(ids, emb, np.asarray(askllm), coords)
+            added = self.state.on_batch(ids, emb, np.asarray(askllm), coords, perplexity=np.asarray(nll, dtype=np.float64))
             metrics.DOCUMENTS.labels(self.stage, "counted").inc(added)
             metrics.SKETCH_DOCUMENTS.set(self.state.doc_count)
             self._dirty = True

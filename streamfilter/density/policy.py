@@ -6,6 +6,9 @@
   probability min(1, c / S(x)), S the RACE density score. NOT proportional to S (the paper's
   Algorithm 2 has that typo; DESIGN.md "Known pitfalls").
 - `random`: keep with probability q.
+- `perplexity`: the paper's perplexity baseline (section B.5): keep the lowest fraction by
+  mean per-token NLL: keep iff NLL <= the q quantile of the stream's NLLs. Needs scored
+  records with a perplexity (`models.perplexity`). Deterministic.
 - `askllm+density`: a quality gate (keep the top `quality_keep` by P(yes)), then IPS among
   what passes, with c set so that the overall keep rate is q.
 
@@ -27,7 +30,7 @@ from streamfilter.density.hashing import uniform_coins
 from streamfilter.density.snapshot import Snapshot
 from streamfilter.errors import ConfigError
 
-POLICY_NAMES = ("askllm", "density", "random", "askllm+density")
+POLICY_NAMES = ("askllm", "density", "random", "askllm+density", "perplexity")
 
 
 class PolicyNotReady(Exception):
@@ -101,6 +104,15 @@ class Policy:
             return -math.inf
         return snapshot.quantiles.quantile(1.0 - fraction)
 
+    def perplexity_threshold(self, snapshot: Snapshot) -> float:
+        """The NLL at rank keep_rate of the stream's NLLs: `nll <= threshold` keeps the lowest fraction."""
+        if snapshot.perplexity_quantiles.count == 0:
+            raise PolicyNotReady(f"policy {self.name}: the snapshot has no perplexity scores "
+                                 "(configure models.perplexity for the score stage)")
+        if self.keep_rate >= 1.0:
+            return math.inf
+        return snapshot.perplexity_quantiles.quantile(self.keep_rate)
+
     def solve_constant(self, snapshot: Snapshot, quality_threshold: float | None = None) -> float:
         """Solve c over the snapshot's reservoir (the expensive part: one sketch query of the reservoir)."""
         reservoir = snapshot.reservoir
@@ -128,6 +140,7 @@ class Policy:
         if snapshot is None:
             raise PolicyNotReady(f"policy {self.name} needs a snapshot")
         threshold = self.quality_threshold(snapshot) if self.uses_quality else None
+        nll_threshold = self.perplexity_threshold(snapshot) if self.name == "perplexity" else None
         constant = None
         if self.uses_density:
             constant = snapshot.ips_constants.get(self.key)
@@ -135,7 +148,7 @@ class Policy:
                 constant = self.solve_constant(snapshot, threshold)
         return PreparedPolicy(self, snapshot_id=snapshot.snapshot_id,
                               sketch=snapshot.sketch if self.uses_density else None,
-                              quality_threshold=threshold, ips_constant=constant)
+                              quality_threshold=threshold, ips_constant=constant, perplexity_threshold=nll_threshold)
 
 
 class AskLLMPolicy(Policy):
@@ -150,12 +163,16 @@ class RandomPolicy(Policy):
     """`random`: keep with probability `keep_rate` (the paper's baseline)."""
 
 
+class PerplexityPolicy(Policy):
+    """`perplexity`: keep the lowest `keep_rate` fraction by mean per-token NLL (the paper's baseline)."""
+
+
 class QualityGatedIPSPolicy(Policy):
     """`askllm+density`: keep the top `quality_keep` by P(yes), then inverse propensity sampling."""
 
 
 _POLICY_CLASSES = {"askllm": AskLLMPolicy, "density": InversePropensityPolicy, "random": RandomPolicy,
-                   "askllm+density": QualityGatedIPSPolicy}
+                   "askllm+density": QualityGatedIPSPolicy, "perplexity": PerplexityPolicy}
 
 
 def build_policy(name: str, keep_rate: float, *, quality_keep: float | None = None, seed: int = 0) -> Policy:
@@ -187,20 +204,27 @@ class PreparedPolicy:
     sketch: object | None  # RaceSketch, queried for density when the policy uses it
     quality_threshold: float | None
     ips_constant: float | None
+    perplexity_threshold: float | None = None  # `perplexity` policy: keep iff mean NLL <= this
 
-    def probabilities(self, askllm: np.ndarray, density: np.ndarray | None) -> np.ndarray:
+    def probabilities(self, askllm: np.ndarray, density: np.ndarray | None,
+                      perplexity: np.ndarray | None = None) -> np.ndarray:
         """[n] keep probabilities, vectorised."""
         n = askllm.shape[0]
         p = np.full(n, self.policy.keep_rate if self.policy.name == "random" else 1.0)
         if self.quality_threshold is not None:
             p = np.where(askllm >= self.quality_threshold, p, 0.0)  # NaN scores fail the gate
+        if self.perplexity_threshold is not None:
+            nll = np.full(n, np.nan) if perplexity is None else np.asarray(perplexity, dtype=np.float64).reshape(-1)
+            p = np.where(nll <= self.perplexity_threshold, p, 0.0)  # records without a perplexity are not kept
         if self.ips_constant is not None:
             with np.errstate(divide="ignore", invalid="ignore"):
                 p = p * np.minimum(1.0, self.ips_constant / density)
         return p
 
-    def decide(self, ids: Sequence[str], askllm: np.ndarray, embeddings: np.ndarray | None) -> list[Decision]:
-        """One decision per document. askllm: [n] P(yes); embeddings: [n, dim] (may be None unless density is used)."""
+    def decide(self, ids: Sequence[str], askllm: np.ndarray, embeddings: np.ndarray | None,
+               perplexity: np.ndarray | None = None) -> list[Decision]:
+        """One decision per document. askllm: [n] P(yes); embeddings: [n, dim] (may be None unless density is used);
+        perplexity: [n] mean NLL, NaN where missing (used by the `perplexity` policy only)."""
         askllm = np.asarray(askllm, dtype=np.float64).reshape(-1)
         if askllm.shape[0] != len(ids):
             raise ValueError(f"{len(ids)} ids but {askllm.shape[0]} Ask-LLM scores")
@@ -209,7 +233,7 @@ class PreparedPolicy:
             if embeddings is None or np.asarray(embeddings).shape[0] != len(ids):
                 raise ValueError(f"policy {self.policy.name} needs one embedding per document")
             density = self.sketch.query(embeddings) if len(ids) else np.empty(0)
-        p = self.probabilities(askllm, density)
+        p = self.probabilities(askllm, density, perplexity)
         coins = uniform_coins(ids, self.policy.seed)
         keep = coins < p  # p == 1 always keeps (coins < 1); p == 0 never does
         dens = density if density is not None else np.full(len(ids), np.nan)

@@ -6,7 +6,13 @@ File layout (little-endian):
     version    u32       FORMAT_VERSION
     length     u64       payload length in bytes
     sha256     32 bytes  of the payload
-    payload    msgpack map: {"meta": {...}, "arrays": {name: .npy bytes}, "quantiles": KLL bytes}
+    payload    msgpack map: {"meta": {...}, "arrays": {name: .npy bytes}, "quantiles": KLL bytes,
+                             "perplexity_quantiles": KLL bytes (optional)}
+
+Within a format version, payload keys are only ever added, optional, and ignored by
+readers that do not know them: `perplexity_quantiles` (the paper's perplexity baseline,
+mean NLL per token) was added that way, so older snapshots load with an empty sketch and
+older builds read newer snapshots.
 
 No pickle: arrays are `.npy` bytes read with `np.load(allow_pickle=False)`, the rest is
 msgpack of plain types. Loading checks magic, version, length (truncation) and checksum,
@@ -57,6 +63,7 @@ class Snapshot:
     policy_seed: int
     reservoir: Reservoir
     ips_constants: dict[str, float] = field(default_factory=dict)  # Policy.key -> c, precomputed
+    perplexity_quantiles: ScoreQuantiles = field(default_factory=ScoreQuantiles)  # mean NLL; empty if unscored
 
     # ------------------------------------------------------------------ bytes
 
@@ -77,7 +84,8 @@ class Snapshot:
         }
         payload = msgpack.packb(
             {"meta": meta, "arrays": {k: _npy_bytes(v) for k, v in arrays.items()},
-             "quantiles": self.quantiles.to_bytes()},
+             "quantiles": self.quantiles.to_bytes(),
+             **({"perplexity_quantiles": self.perplexity_quantiles.to_bytes()} if self.perplexity_quantiles.count else {})},
             use_bin_type=True,
         )
         return _HEADER.pack(MAGIC, FORMAT_VERSION, len(payload), hashlib.sha256(payload).digest()) + payload
@@ -117,6 +125,8 @@ class Snapshot:
                 policy_seed=int(meta["policy_seed"]),
                 reservoir=reservoir,
                 ips_constants={str(k): float(v) for k, v in meta["ips_constants"].items()},
+                perplexity_quantiles=(ScoreQuantiles.from_bytes(doc["perplexity_quantiles"])
+                                      if doc.get("perplexity_quantiles") is not None else ScoreQuantiles()),
             )
         except SnapshotCorrupt:
             raise

@@ -40,6 +40,7 @@ class SketchState:
         self.policy_seed = int(policy_seed)
         self.policies = tuple(policies)  # their IPS constants are precomputed into each snapshot
         self.duplicates_skipped = 0  # records at already-covered offsets (re-deliveries)
+        self.perplexity_quantiles = ScoreQuantiles(quantiles.k)  # mean NLL (perplexity policy); empty if unscored
 
     @classmethod
     def create(cls, dim: int, *, rows: int = DEFAULT_ROWS, buckets: int = DEFAULT_BUCKETS, k: int = DEFAULT_K,
@@ -56,12 +57,17 @@ class SketchState:
     @classmethod
     def restore(cls, snapshot: Snapshot, policies: Sequence[Policy] = ()) -> "SketchState":
         """The state a snapshot was taken from (copies the arrays: the snapshot stays unchanged)."""
-        return cls(snapshot.sketch.copy(), snapshot.quantiles.copy(), snapshot.reservoir.copy(),
-                   snapshot.offsets, snapshot.doc_count, snapshot.policy_seed, policies)
+        state = cls(snapshot.sketch.copy(), snapshot.quantiles.copy(), snapshot.reservoir.copy(),
+                    snapshot.offsets, snapshot.doc_count, snapshot.policy_seed, policies)
+        state.perplexity_quantiles = snapshot.perplexity_quantiles.copy()
+        return state
 
     def on_batch(self, ids: Sequence[str], embeddings: np.ndarray, askllm: np.ndarray,
-                 coords: Sequence[tuple[str, int, int]]) -> int:
+                 coords: Sequence[tuple[str, int, int]], perplexity: np.ndarray | None = None) -> int:
         """Count a batch: ids [n], embeddings [n, dim], askllm [n], coords [(topic, partition, offset)] * n.
+
+        `perplexity`: optional [n] mean NLL per document (NaN where a record has none); the
+        finite ones go into `perplexity_quantiles` (the `perplexity` policy's threshold).
 
         Records whose offset is below the partition's next offset are skipped. Returns the
         number of documents added; `offsets[(topic, partition)]` becomes last offset + 1.
@@ -84,7 +90,11 @@ class SketchState:
             self.duplicates_skipped += int(n - fresh.sum())
             ids = [doc_id for doc_id, f in zip(ids, fresh) if f]
             embeddings, askllm = embeddings[fresh], askllm[fresh]
+            perplexity = None if perplexity is None else np.asarray(perplexity, dtype=np.float64).reshape(-1)[fresh]
         if len(ids):
+            if perplexity is not None:
+                nll = np.asarray(perplexity, dtype=np.float64).reshape(-1)
+                self.perplexity_quantiles.update(nll[np.isfinite(nll)])
             self.sketch.add(embeddings)
             self.quantiles.update(askllm)
             self.reservoir.offer(ids, embeddings, askllm)
@@ -96,6 +106,7 @@ class SketchState:
         """Fold in another aggregator's state (disjoint partitions, or the same partitions' later offsets)."""
         self.sketch.merge(other.sketch)
         self.quantiles.merge(other.quantiles)
+        self.perplexity_quantiles.merge(other.perplexity_quantiles)
         self.reservoir.merge(other.reservoir)
         for key, offset in other.offsets.items():
             self.offsets[key] = max(offset, self.offsets.get(key, 0))
@@ -112,6 +123,7 @@ class SketchState:
             doc_count=self.doc_count,
             policy_seed=self.policy_seed,
             reservoir=self.reservoir.copy(),
+            perplexity_quantiles=self.perplexity_quantiles.copy(),
         )
         for policy in self.policies:
             if policy.uses_density:
