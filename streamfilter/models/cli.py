@@ -31,7 +31,7 @@ def register(subparsers) -> None:
     exp.add_argument("--no-validate", action="store_true", help="skip the check against the PyTorch reference")
     exp.set_defaults(handler=_export)
 
-    build = sub.add_parser("build-test-models", help="build the offline test models (tiny T5 Ask-LLM, tiny Sentence-T5, MiniLM)")
+    build = sub.add_parser("build-test-models", help="build the offline test models (tiny T5 Ask-LLM, tiny Sentence-T5, MiniLM, tiny Qwen2 Ask-LLM + perplexity)")
     build.add_argument("--out", type=Path, default=None, help="folder (default: .cache/test-models in the checkout)")
     build.add_argument("--force", action="store_true", help="rebuild even if a valid build exists")
     build.set_defaults(handler=_build_test_models)
@@ -83,6 +83,8 @@ def _build_test_models(args: argparse.Namespace) -> int:
     paths = testmodels.build_test_models(root) if args.force else testmodels.ensure_test_models(root)
     for field in ("askllm", "sentence_t5", "minilm"):
         print(f"{field}\t{getattr(paths, field)}")
+    causal = testmodels.ensure_causal_test_models(root)
+    print(f"askllm_causal\t{causal.askllm}\nperplexity\t{causal.perplexity}")
     print(f"done in {time.monotonic() - t0:.1f} s", file=sys.stderr)
     return 0
 
