@@ -9,14 +9,13 @@ its own model folder with a manifest (`backend: "causal"`). The chat template is
 here, once, with transformers, and stored as the text before and after the user turn
 (`chat_prefix`, `chat_suffix` in the manifest), so the runtime needs only `tokenizers`.
 
-Weights over 2 GB stay in optimum's side file (`model.onnx_data`), hard-linked into both
-folders; graphs are edited without loading it.
+Weights over 2 GB stay in optimum's side file (`model.onnx_data`), copied into each
+folder; graphs are edited without loading it.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -79,7 +78,7 @@ def _uses_external_data(model) -> bool:
 
 
 def _save_graph(graph, base_dir: Path, external: list[str], staging: Path, file_name: str = "model.onnx") -> list[str]:
-    """Save `graph`; weights that live in optimum's side files are hard-linked (copied across devices)."""
+    """Save `graph`; weights that live in optimum's side files are copied beside it."""
     import onnx
 
     from streamfilter.models import graphs
@@ -88,10 +87,8 @@ def _save_graph(graph, base_dir: Path, external: list[str], staging: Path, file_
         return graphs.save_model(graph, staging / file_name)
     onnx.save_model(graph, str(staging / file_name))
     for name in external:
-        try:
-            os.link(base_dir / name, staging / name)
-        except OSError:
-            shutil.copyfile(base_dir / name, staging / name)
+        # A copy, not a hard link: onnx refuses external data files with several links.
+        shutil.copyfile(base_dir / name, staging / name)
     return [file_name, *external]
 
 
