@@ -156,6 +156,7 @@ def run_stages(config: Config, stages, *, install_signals: bool = True, stop_eve
     """Blocking entry point: serve HTTP, run the stages, stop on SIGTERM/SIGINT (or `stop_event`)."""
     from streamfilter.metrics import serve_http
 
+    log.info("starting %s against %s", "+".join(stages), config.kafka.bootstrap_servers)
     ensure_topics(config, stage_topics(config, stages))
     server = None
     if config.daemon.metrics_port:

@@ -88,6 +88,7 @@ class RangeBounds:
 
 
 Transform = Callable[[list], list[Output]]
+STALL_CHECK_S = 20.0  # polls returning nothing this long while records are readable: recreate the consumer
 OnCommit = Callable[[Batch, list[Output]], None]
 
 
@@ -155,6 +156,7 @@ class TransactionalLoop:
         self.completed = False  # bounded runs: True once every partition's range is committed
         self.generation = 0
         self.rewind_needed = False
+        self._records_at = time.monotonic()  # last poll that returned records (stall detection)
         self._stopping = threading.Event()
         self._consumer_thread = ThreadPoolExecutor(1, thread_name_prefix=f"{stage}-consumer")
         self._producer_thread = ThreadPoolExecutor(1, thread_name_prefix=f"{stage}-producer")
@@ -254,6 +256,10 @@ class TransactionalLoop:
             if time.monotonic() >= deadline and (records or remaining_ms == 0):
                 break
         self._observe_lag()
+        if records:
+            self._records_at = time.monotonic()
+        elif time.monotonic() - self._records_at > STALL_CHECK_S:
+            self._check_stalled()
         at_end = self.bounds is not None and self._pause_finished()
         if not records or self.generation != generation:
             return Batch([], generation, None, at_end=at_end and self.generation == generation)
@@ -266,6 +272,42 @@ class TransactionalLoop:
         if finished:
             consumer.pause(*finished)
         return len(finished) == len(self.bounds.end)
+
+    def _check_stalled(self) -> None:
+        """Recreate the consumer when committed records lie ahead of it and polls keep returning none.
+
+        Seen here under heavy load: a kafka-python consumer, assigned while its partitions were
+        empty, never fetched the records committed after. The end offsets a read_committed
+        consumer lists are the last stable offsets, so an upstream transaction still open is
+        not mistaken for a stall. Recreating counts as a rebalance: in-flight batches are dropped
+        and everything uncommitted is read again, so nothing is lost or duplicated.
+        """
+        self._records_at = time.monotonic()
+        consumer = self.consumer
+        assigned = consumer.assignment()
+        if not assigned:
+            return
+        try:
+            ends = consumer.end_offsets(list(assigned))
+            behind = {tp: (consumer.position(tp, timeout_ms=1000), end) for tp, end in ends.items()
+                      if tp not in consumer.paused()}
+        except Exception as exc:  # noqa: BLE001 - the broker may be away: the retry paths handle that
+            log.debug("%s: stall check failed: %s", self.stage, exc)
+            return
+        stuck = {tp: pe for tp, pe in behind.items() if pe[0] is not None and pe[1] is not None and pe[0] < pe[1]}
+        if not stuck:
+            return
+        log.warning("%s: no records for %.0fs although %s; recreating the consumer", self.stage, STALL_CHECK_S,
+                    ", ".join(f"{tp.topic}[{tp.partition}] is at {p} of {e}" for tp, (p, e) in sorted(stuck.items())))
+        metrics.RETRIES.labels(self.stage).inc()
+        self.generation += 1  # in-flight batches are dropped, as on a rebalance
+        try:
+            consumer.close(autocommit=False)
+        except Exception:  # noqa: BLE001 - replaced either way
+            pass
+        self.consumer = None
+        self._make_consumer()
+        self.rewind_needed = True
 
     def _observe_lag(self) -> None:
         consumer = self.consumer

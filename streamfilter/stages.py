@@ -290,6 +290,7 @@ class SketchAggregator:
         self.state = None
         self.consumer = None
         self._dirty = False
+        self._records_at = time.monotonic()  # last poll that returned records (stall detection)
         self._stopping = threading.Event()
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="sketch")
         metrics.READINESS.register(self.stage)
@@ -381,6 +382,27 @@ class SketchAggregator:
         self.consumer = consumer
         metrics.BROKER_UP.labels(self.stage).set(1)
 
+    def _check_stalled(self) -> None:
+        """As `TransactionalLoop._check_stalled`: readable records ahead but none returned for a
+        while (a kafka-python consumer seen stuck under load) → reconnect at the covered offsets."""
+        from streamfilter.kafka_loop import STALL_CHECK_S
+
+        if time.monotonic() - self._records_at < STALL_CHECK_S:
+            return
+        self._records_at = time.monotonic()
+        assigned = list(self.consumer.assignment())
+        try:
+            ends = self.consumer.end_offsets(assigned)
+            stuck = [tp for tp, end in ends.items() if (self.consumer.position(tp, timeout_ms=1000) or end) < end]
+        except Exception as exc:  # noqa: BLE001 - broker away: the retry path handles it
+            log.debug("sketch: stall check failed: %s", exc)
+            return
+        if stuck:
+            log.warning("sketch: no records for %.0fs although %d partition(s) have some; reconnecting",
+                        STALL_CHECK_S, len(stuck))
+            metrics.RETRIES.labels(self.stage).inc()
+            self._reconnect()
+
     def _reconnect(self) -> None:
         if self.consumer is not None:
             try:
@@ -397,7 +419,9 @@ class SketchAggregator:
         records = [r for part in polled.values() for r in part]
         if not records:
             self._observe_lag()  # so that lag falls to 0 once caught up
+            self._check_stalled()
             return
+        self._records_at = time.monotonic()
         metrics.INPUT_DOCUMENTS.labels(self.stage).inc(len(records))
         ids, embeddings, askllm, coords, nll = [], [], [], [], []
         for record in records:

@@ -15,6 +15,7 @@ import msgpack
 import pytest
 from kafka import KafkaConsumer, KafkaProducer
 
+from streamfilter.broker import free_port
 from streamfilter.corpus import junk_documents, wiki_documents
 
 
@@ -55,6 +56,29 @@ class Daemon:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def wait_ready(self, *stages: str, timeout_s: float = 300) -> None:
+        """Wait until /ready reports `stages` ready (models loaded, partitions assigned), so a
+        test's own timeouts start when the daemon works, not while a loaded machine starts it."""
+        import tomllib
+        import urllib.error
+        import urllib.request
+
+        port = tomllib.loads(self.config_path.read_text())["daemon"]["metrics_port"]
+        deadline = time.monotonic() + timeout_s
+        body = ""
+        while time.monotonic() < deadline:
+            assert self.alive(), self.log()[-3000:]
+            try:
+                body = urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=2).read().decode()
+            except urllib.error.HTTPError as exc:
+                body = exc.read().decode()
+            except OSError:
+                body = ""
+            if all(f"{stage} ready" in body for stage in stages):
+                return
+            time.sleep(0.3)
+        raise AssertionError(f"daemon not ready within {timeout_s:.0f}s: {body!r}\n{self.log()[-2000:]}")
+
 
 @pytest.fixture
 def daemon_config(tmp_path, names, bootstrap, test_models):
@@ -80,7 +104,7 @@ def daemon_config(tmp_path, names, bootstrap, test_models):
             "sketch": {"rows": 100, "buckets": 2000, "snapshot_dir": str(snapshots), "snapshot_interval_s": 1.0},
             "policy": {"name": "askllm+density", "keep_rate": 0.3, "quality_keep": 0.6},
             "route": {"snapshot_poll_s": 1.0},
-            "daemon": {"metrics_port": 0, "shutdown_timeout_s": 20},
+            "daemon": {"metrics_port": free_port(), "shutdown_timeout_s": 20},
         }
         for section, values in sections.items():
             base.setdefault(section, {}).update(values)

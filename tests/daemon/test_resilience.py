@@ -25,6 +25,7 @@ pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 def running_daemon(bootstrap, daemon_config, start_daemon):
     config, topics, _ = daemon_config(policy={"name": "random", "keep_rate": 0.5})
     daemon = start_daemon(config)
+    daemon.wait_ready("score", "route")
     collector = OutputCollector(bootstrap, [topics["accepted"], topics["rejected"], topics["dlq"]])
     yield daemon, topics, collector
     collector.close()
@@ -95,6 +96,7 @@ def test_broker_stopped_and_restarted_mid_stream_loses_nothing(tmp_path, names, 
         values = [json.dumps(d).encode() for d in docs]
         produce(broker.bootstrap, topics["raw"], values[:600])
         daemon = start_daemon(config)
+        daemon.wait_ready("score", "route")
         collector = OutputCollector(broker.bootstrap, [topics["accepted"], topics["rejected"], topics["dlq"]])
         collector.wait_total(300, timeout_s=180, alive=daemon.alive)  # mid-stream
         collector.close()

@@ -47,6 +47,7 @@ def test_5000_documents_exactly_once_with_a_dlq(bootstrap, daemon_config, start_
     produce(bootstrap, topics["raw"], [values[i] for i in order])
 
     daemon = start_daemon(config)
+    daemon.wait_ready("score")
     collector = OutputCollector(bootstrap, [topics["accepted"], topics["rejected"], topics["dlq"]])
     collector.wait_total(len(values), timeout_s=420, alive=daemon.alive)
     store = SnapshotStore(snapshots)
