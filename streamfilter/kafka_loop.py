@@ -54,6 +54,24 @@ class Output:
     headers: Sequence[tuple[str, bytes]] = ()
 
 
+class Outputs(list):
+    """A micro-batch's output records, plus counter increments applied only once its transaction
+    commits: a batch aborted and read again is counted once, so the metrics match the topics."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.tally: dict[tuple, float] = {}
+
+    def count(self, counter, labels: tuple[str, ...], n: float = 1) -> None:
+        key = (counter, labels)
+        self.tally[key] = self.tally.get(key, 0) + n
+
+    def apply(self) -> None:
+        for (counter, labels), n in self.tally.items():
+            if n:
+                counter.labels(*labels).inc(n)
+
+
 @dataclass
 class Batch:
     records: list  # kafka ConsumerRecord, in partition order as polled
@@ -361,6 +379,8 @@ class TransactionalLoop:
             self._abort_or_replace_producer()
             return False
         metrics.TRANSACTIONS.labels(self.stage, "commit").inc()
+        if isinstance(outputs, Outputs):
+            outputs.apply()
         metrics.BROKER_UP.labels(self.stage).set(1)
         metrics.BATCH_SECONDS.labels(self.stage).observe(time.monotonic() - batch.polled_at)
         if self.on_commit is not None:

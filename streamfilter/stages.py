@@ -21,7 +21,7 @@ import numpy as np
 from streamfilter import metrics
 from streamfilter.config import Config, build_policy
 from streamfilter.errors import InvalidDocument
-from streamfilter.kafka_loop import Output, _Backoff, _sleep_or_stop, broker_connected, new_consumer
+from streamfilter.kafka_loop import Output, Outputs, _Backoff, _sleep_or_stop, broker_connected, new_consumer
 from streamfilter.records import (
     Document, ScoredRecord, decode_raw, decode_scored, dlq_headers, encode_document, encode_scored,
 )
@@ -29,11 +29,12 @@ from streamfilter.records import (
 log = logging.getLogger(__name__)
 
 
-def dlq_output(config: Config, stage: str, exc: InvalidDocument, record) -> Output:
-    metrics.DLQ.labels(stage, exc.reason).inc()
-    metrics.DOCUMENTS.labels(stage, "dlq").inc()
-    return Output(config.topics.dlq, record.value if record.value is not None else b"", key=record.key,
-                  headers=dlq_headers(exc, stage, record.topic, record.partition, record.offset))
+def add_dlq_output(outputs: Outputs, config: Config, stage: str, exc: InvalidDocument, record) -> None:
+    """Append the DLQ entry for `record` (original bytes, reason headers) and count it on commit."""
+    outputs.count(metrics.DLQ, (stage, exc.reason))
+    outputs.count(metrics.DOCUMENTS, (stage, "dlq"))
+    outputs.append(Output(config.topics.dlq, record.value if record.value is not None else b"", key=record.key,
+                          headers=dlq_headers(exc, stage, record.topic, record.partition, record.offset)))
 
 
 class ScoreTransform:
@@ -66,18 +67,17 @@ class ScoreTransform:
         log.info("score: Ask-LLM %s, embedder %s (dim %d)%s", self.scorer.model_id, self.embedder.model_id,
                  self.embedder.dim, f", perplexity {self.perplexity.model_id}" if self.perplexity else "")
 
-    def __call__(self, records: list) -> list[Output]:
-        outputs: list[Output] = []
+    def __call__(self, records: list) -> Outputs:
+        outputs = Outputs()
         good: list[tuple[object, Document]] = []
         max_bytes = self.config.records.max_doc_bytes
         for record in records:
             try:
                 good.append((record, decode_raw(record.value, max_bytes)))
             except InvalidDocument as exc:
-                outputs.append(dlq_output(self.config, self.stage, exc, record))
+                add_dlq_output(outputs, self.config, self.stage, exc, record)
         if good:
-            good, scores, embeddings, rejected = self._infer(good)
-            outputs.extend(rejected)
+            good, scores, embeddings = self._infer(good, outputs)
             nlls = self._perplexity([doc.text for _, doc in good])
             for (record, doc), score, embedding, nll in zip(good, scores.tolist(), embeddings, nlls):
                 metrics.ASKLLM_SCORE.observe(score)
@@ -85,7 +85,7 @@ class ScoreTransform:
                                       (record.topic, record.partition, record.offset), perplexity=nll,
                                       perplexity_model=self.perplexity.model_id if self.perplexity else None)
                 outputs.append(Output(self.config.topics.scored, encode_scored(scored), key=doc.id.encode()))
-            metrics.DOCUMENTS.labels(self.stage, "scored").inc(len(good))
+            outputs.count(metrics.DOCUMENTS, (self.stage, "scored"), len(good))
         return outputs
 
     def _perplexity(self, texts: list[str]) -> list[float | None]:
@@ -97,8 +97,8 @@ class ScoreTransform:
         metrics.INFERENCE_SECONDS.labels("perplexity").observe(time.perf_counter() - t0)
         return nll.tolist()
 
-    def _infer(self, good):
-        """Score a batch; a document the models refuse goes to the DLQ alone, the rest are kept."""
+    def _infer(self, good, outputs: Outputs):
+        """Score a batch; a document the models refuse goes to the DLQ (in `outputs`) alone, the rest are kept."""
         texts = [doc.text for _, doc in good]
         batch = self.config.models.inference_batch_docs
         try:
@@ -108,23 +108,23 @@ class ScoreTransform:
             t0 = time.perf_counter()
             embeddings = self.embedder.embed(texts, batch_size=batch)
             metrics.INFERENCE_SECONDS.labels("embedder").observe(time.perf_counter() - t0)
-            return good, scores, embeddings, []
+            return good, scores, embeddings
         except InvalidDocument:
             pass
-        kept, scores, embeddings, rejected = [], [], [], []
+        kept, scores, embeddings = [], [], []
         for record, doc in good:  # isolate the culprit(s)
             try:
                 score = self.scorer.score([doc.text])
                 embedding = self.embedder.embed([doc.text])
             except InvalidDocument as exc:
-                rejected.append(dlq_output(self.config, self.stage, exc, record))
+                add_dlq_output(outputs, self.config, self.stage, exc, record)
                 continue
             kept.append((record, doc))
             scores.append(score[0])
             embeddings.append(embedding[0])
         dim = self.embedder.dim
         return (kept, np.asarray(scores, dtype=np.float32),
-                np.stack(embeddings) if embeddings else np.zeros((0, dim), np.float16), rejected)
+                np.stack(embeddings) if embeddings else np.zeros((0, dim), np.float16))
 
 
 class RouteTransform:
@@ -204,26 +204,25 @@ class RouteTransform:
         if (self.needs_snapshot and not self.fixed_snapshot
                 and time.monotonic() - self._checked_at >= self.config.route.snapshot_poll_s):
             self._refresh()
-        outputs: list[Output] = []
+        outputs = Outputs()
         scored: list[tuple[object, ScoredRecord]] = []
         for record in records:
             try:
                 scored.append((record, decode_scored(record.value)))
             except InvalidDocument as exc:
-                outputs.append(dlq_output(self.config, self.stage, exc, record))
-        if not scored:
-            return outputs
-        outputs.extend(self.decide(scored))
+                add_dlq_output(outputs, self.config, self.stage, exc, record)
+        if scored:
+            self.decide(scored, outputs)
         return outputs
 
     def decisions(self, scored: list[ScoredRecord]) -> list:
         """The policy's `Decision` for each scored record (pure: no outputs, no metrics)."""
         return decide_scored(self.prepared, scored)
 
-    def decide(self, scored: list[tuple[object, ScoredRecord]]) -> list[Output]:
+    def decide(self, scored: list[tuple[object, ScoredRecord]], outputs: Outputs) -> None:
+        """Append the accepted (and rejected) records to `outputs`; decisions are counted on commit."""
         decisions = self.decisions([s for _, s in scored])
         topics = self.config.topics
-        outputs = []
         kept = 0
         for (_, s), decision in zip(scored, decisions):
             kept += decision.keep
@@ -235,11 +234,10 @@ class RouteTransform:
                 outputs.append(Output(topic, encode_document(s.document), key=s.document.id.encode(),
                                       headers=decision_headers(decision, s)))
         name = self.policy.name
-        metrics.DECISIONS.labels(name, "accepted").inc(kept)
-        metrics.DECISIONS.labels(name, "rejected").inc(len(scored) - kept)
-        metrics.DOCUMENTS.labels(self.stage, "accepted").inc(kept)
-        metrics.DOCUMENTS.labels(self.stage, "rejected").inc(len(scored) - kept)
-        return outputs
+        outputs.count(metrics.DECISIONS, (name, "accepted"), kept)
+        outputs.count(metrics.DECISIONS, (name, "rejected"), len(scored) - kept)
+        outputs.count(metrics.DOCUMENTS, (self.stage, "accepted"), kept)
+        outputs.count(metrics.DOCUMENTS, (self.stage, "rejected"), len(scored) - kept)
 
 
 def decide_scored(prepared, scored: list[ScoredRecord]) -> list:

@@ -73,7 +73,12 @@ def live(kafka_broker, test_models, tmp_path_factory):
         values = [values[i] for i in sorted(range(len(values)), key=lambda i: (i * 7919) % len(values))]
         start = time.time()
         daemon.start("run")
-        produce(kafka_broker, topics["raw"], values)
+        # In waves: every counter must rise across several scrapes, or rate() has nothing to
+        # show on a fast machine that handles the whole sample between two scrapes.
+        waves = 6
+        for i in range(waves):
+            produce(kafka_broker, topics["raw"], values[i::waves])
+            time.sleep(2 * SCRAPE_INTERVAL_S)
 
         def handled(stage: str) -> float:
             result = prometheus.query(f'sum(streamfilter_documents_total{{stage="{stage}"}})')
