@@ -57,6 +57,12 @@ def _source(model: str, revision: str | None, library: str, commit: str | None) 
             "commit": commit, "library": library}
 
 
+def check_variants(variants: Sequence[str], allowed: Sequence[str]) -> None:
+    """Every export writes fp32 (the reference the others are checked against) and only known variants."""
+    if "fp32" not in variants or set(variants) - set(allowed):
+        raise UserError(f"variants: must include fp32 and be among {', '.join(allowed)} (got {', '.join(variants)})")
+
+
 def _require_export_extra() -> None:
     try:
         import optimum.exporters.onnx  # noqa: F401
@@ -92,9 +98,7 @@ def export_askllm(
 
     from streamfilter.models import graphs
 
-    unknown = set(variants) - set(ASKLLM_VARIANTS)
-    if "fp32" not in variants or unknown:
-        raise UserError(f"variants: must include fp32 and be among {', '.join(ASKLLM_VARIANTS)} (got {', '.join(variants)})")
+    check_variants(variants, ASKLLM_VARIANTS)
     out = Path(out)
     t0 = time.monotonic()
     config = AutoConfig.from_pretrained(model, revision=revision)
@@ -185,9 +189,7 @@ def export_embedder(
 
     from streamfilter.models import graphs
 
-    unknown = set(variants) - set(EMBEDDER_VARIANTS)
-    if "fp32" not in variants or unknown:
-        raise UserError(f"variants: must include fp32 and be among {', '.join(EMBEDDER_VARIANTS)} (got {', '.join(variants)})")
+    check_variants(variants, EMBEDDER_VARIANTS)
     out = Path(out)
     t0 = time.monotonic()
     st = SentenceTransformer(model, device="cpu", revision=revision)

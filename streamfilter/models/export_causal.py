@@ -27,7 +27,8 @@ import numpy as np
 from streamfilter.errors import UserError
 from streamfilter.models.askllm import DEFAULT_MAX_TOKENS, PROMPT_PREFIX, PROMPT_SUFFIX, PROMPT_VERSION, make_prompt
 from streamfilter.models.export import (VALIDATION_TEXTS, _checked, _display_name, _publish, _require_export_extra,
-                                        _save_tokenizer, _source, _staging_dir, _variant_notes, _versions)
+                                        _save_tokenizer, _source, _staging_dir, _variant_notes, _versions,
+                                        check_variants)
 from streamfilter.models.manifest import write_manifest
 
 log = logging.getLogger(__name__)
@@ -118,9 +119,7 @@ def export_causal(
 
     if askllm_out is None and perplexity_out is None:
         raise UserError("export_causal: give askllm_out and/or perplexity_out")
-    unknown = set(variants) - set(CAUSAL_VARIANTS)
-    if "fp32" not in variants or unknown:
-        raise UserError(f"variants: must include fp32 and be among {', '.join(CAUSAL_VARIANTS)} (got {', '.join(variants)})")
+    check_variants(variants, CAUSAL_VARIANTS)
     t0 = time.monotonic()
     config = AutoConfig.from_pretrained(model, revision=revision)
     tokenizer = AutoTokenizer.from_pretrained(model, revision=revision)
