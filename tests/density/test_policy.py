@@ -150,7 +150,8 @@ def test_policies_need_a_snapshot_except_random():
 
 
 @settings(max_examples=25, deadline=None)
-@given(name=st.sampled_from(POLICY_NAMES), cuts=st.lists(st.integers(0, 400), max_size=5),
+@given(name=st.sampled_from([n for n in POLICY_NAMES if n != "perplexity"]),  # no perplexity scores here
+       cuts=st.lists(st.integers(0, 400), max_size=5),
        perm_seed=st.integers(0, 2**16))
 def test_decisions_independent_of_batch_boundaries_and_order(name, cuts, perm_seed, stream, snapshot):
     ids, x, askllm, _ = stream
