@@ -144,18 +144,11 @@ def format_summary(s: dict) -> str:
 
 def run_verify(args: argparse.Namespace) -> int:
     from streamfilter.density.snapshot import SnapshotCorrupt, SnapshotStore
+    from streamfilter.density.snapshots import resolve
 
     _, directory, _ = _setup(args)
     store = SnapshotStore(directory)
-    paths = []
-    for ref in args.snapshots:
-        path = Path(ref)
-        if not path.is_file():
-            matches = [p for p in store.list() if p.name.endswith(f"-{ref}.sfsnap")]
-            if not matches:
-                raise UserError(f"snapshot {ref!r}: no such file, and no snapshot with that id in {directory}")
-            path = matches[0]
-        paths.append(path)
+    paths = [resolve(ref, store, directory) for ref in args.snapshots]
     if not args.snapshots:
         paths = store.list()
         if not paths:

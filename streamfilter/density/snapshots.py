@@ -21,6 +21,17 @@ from streamfilter.errors import UserError
 SUMMARY_QUANTILES = (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99)
 
 
+def resolve(ref: str, store: SnapshotStore, directory: str | Path) -> Path:
+    """The file for `ref`: a path, or a snapshot id in `directory`; UserError otherwise."""
+    path = Path(ref)
+    if path.is_file():
+        return path
+    matches = [p for p in store.list() if p.name.endswith(f"-{ref}.sfsnap")]
+    if not matches:
+        raise UserError(f"snapshot {ref!r}: no such file, and no snapshot with that id in {directory}")
+    return matches[0]
+
+
 def find(ref: str, directory: str | Path) -> tuple[Path, Snapshot]:
     """(path, snapshot) for `latest`, a file path, or a snapshot id in `directory`; UserError otherwise."""
     store = SnapshotStore(directory)
@@ -31,12 +42,7 @@ def find(ref: str, directory: str | Path) -> tuple[Path, Snapshot]:
             except SnapshotCorrupt:
                 continue
         raise UserError(f"no valid snapshot in {directory} (sketch.snapshot_dir)")
-    path = Path(ref)
-    if not path.is_file():
-        matches = [p for p in store.list() if p.name.endswith(f"-{ref}.sfsnap")]
-        if not matches:
-            raise UserError(f"snapshot {ref!r}: no such file, and no snapshot with that id in {directory}")
-        path = matches[0]
+    path = resolve(ref, store, directory)
     try:
         return path, store.load(path)
     except SnapshotCorrupt as exc:

@@ -17,7 +17,7 @@ import numpy as np
 
 from streamfilter.errors import ConfigError, UserError
 from streamfilter.models.manifest import Manifest, load_manifest
-from streamfilter.models.text import encode_bounded, length_buckets, load_tokenizer, pad_batch
+from streamfilter.models.text import encode_bounded, length_buckets, pad_batch
 
 # The paper's Figure 3 prompt, split around the document. Fixed in DESIGN.md; a change
 # gets a new version so that scores of different prompts are never mixed.
@@ -94,7 +94,7 @@ class AskLLMScorer:
         `variant`: "fp32", "int8" (CPU), "fp16" (GPU: fp16 matmuls, fp32 feed-forward
         output and residual stream), or None for the best the device supports.
         """
-        from streamfilter.models.runtime import choose_variant, gpu_available, open_variant, resolve_providers
+        from streamfilter.models.runtime import open_model
 
         manifest = load_manifest(model_dir, kind="askllm")
         if manifest.backend == "causal" and cls is AskLLMScorer:
@@ -104,11 +104,8 @@ class AskLLMScorer:
         if manifest.config.get("prompt_version") != PROMPT_VERSION:
             raise UserError(f"{model_dir}: exported for prompt {manifest.config.get('prompt_version')!r}, "
                             f"this version scores with {PROMPT_VERSION!r}; re-export the model")
-        on_gpu = gpu_available() and resolve_providers(providers)[0] != "CPUExecutionProvider"
-        variant = choose_variant(manifest, variant, on_gpu)
-        tokenizer = load_tokenizer(str(manifest.path(manifest.tokenizer)))
-        manifest.verify_file(manifest.tokenizer)
-        session = open_variant(manifest, variant, providers=providers, intra_op_threads=intra_op_threads)
+        session, tokenizer, variant = open_model(manifest, variant, providers=providers,
+                                                 intra_op_threads=intra_op_threads)
         return cls(manifest, session, tokenizer, variant=variant, max_tokens=max_tokens)
 
     @staticmethod

@@ -15,7 +15,7 @@ import numpy as np
 
 from streamfilter.errors import ConfigError
 from streamfilter.models.manifest import Manifest, load_manifest
-from streamfilter.models.text import encode_bounded, length_buckets, load_tokenizer, pad_batch, special_wrap
+from streamfilter.models.text import encode_bounded, length_buckets, pad_batch, special_wrap
 
 DTYPES = {"float32": np.float32, "float16": np.float16}
 
@@ -57,14 +57,11 @@ class SentenceEmbedder:
 
         `max_tokens=None` uses the model's own `max_seq_length` (sentence-t5-base: 256).
         """
-        from streamfilter.models.runtime import choose_variant, gpu_available, open_variant, resolve_providers
+        from streamfilter.models.runtime import open_model
 
         manifest = load_manifest(model_dir, kind="embedder")
-        on_gpu = gpu_available() and resolve_providers(providers)[0] != "CPUExecutionProvider"
-        variant = choose_variant(manifest, variant, on_gpu)
-        tokenizer = load_tokenizer(str(manifest.path(manifest.tokenizer)))
-        manifest.verify_file(manifest.tokenizer)
-        session = open_variant(manifest, variant, providers=providers, intra_op_threads=intra_op_threads)
+        session, tokenizer, variant = open_model(manifest, variant, providers=providers,
+                                                 intra_op_threads=intra_op_threads)
         return cls(manifest, session, tokenizer, variant=variant, dtype=dtype,
                    max_tokens=max_tokens or manifest.config["max_seq_length"])
 

@@ -18,7 +18,7 @@ import numpy as np
 from streamfilter.errors import ConfigError
 from streamfilter.models.askllm import DEFAULT_MAX_TOKENS
 from streamfilter.models.manifest import Manifest, load_manifest
-from streamfilter.models.text import encode_bounded, length_buckets, load_tokenizer, pad_batch
+from streamfilter.models.text import encode_bounded, length_buckets, pad_batch
 
 
 class PerplexityScorer:
@@ -36,14 +36,11 @@ class PerplexityScorer:
     @classmethod
     def load(cls, model_dir: str | Path, *, max_tokens: int = DEFAULT_MAX_TOKENS, providers: Sequence[str] | None = None,
              intra_op_threads: int | None = None, variant: str | None = None) -> "PerplexityScorer":
-        from streamfilter.models.runtime import choose_variant, gpu_available, open_variant, resolve_providers
+        from streamfilter.models.runtime import open_model
 
         manifest = load_manifest(model_dir, kind="perplexity")
-        on_gpu = gpu_available() and resolve_providers(providers)[0] != "CPUExecutionProvider"
-        variant = choose_variant(manifest, variant, on_gpu)
-        tokenizer = load_tokenizer(str(manifest.path(manifest.tokenizer)))
-        manifest.verify_file(manifest.tokenizer)
-        session = open_variant(manifest, variant, providers=providers, intra_op_threads=intra_op_threads)
+        session, tokenizer, variant = open_model(manifest, variant, providers=providers,
+                                                 intra_op_threads=intra_op_threads)
         return cls(manifest, session, tokenizer, variant=variant, max_tokens=max_tokens)
 
     @property

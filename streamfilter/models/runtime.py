@@ -174,3 +174,16 @@ def open_variant(manifest: Manifest, variant: str, *, providers, intra_op_thread
     else:
         model = manifest.read_verified(spec["model"])  # the bytes hashed are the bytes loaded
     return make_session(model, label=label, providers=providers, intra_op_threads=intra_op_threads)
+
+
+def open_model(manifest: Manifest, variant: str | None, *, providers, intra_op_threads):
+    """(session, tokenizer, variant) for a model folder: the variant chosen for the device
+    (`choose_variant`), the tokenizer and the graph both checked against the manifest."""
+    from streamfilter.models.text import load_tokenizer
+
+    on_gpu = gpu_available() and resolve_providers(providers)[0] != "CPUExecutionProvider"
+    variant = choose_variant(manifest, variant, on_gpu)
+    tokenizer = load_tokenizer(str(manifest.path(manifest.tokenizer)))
+    manifest.verify_file(manifest.tokenizer)
+    session = open_variant(manifest, variant, providers=providers, intra_op_threads=intra_op_threads)
+    return session, tokenizer, variant
