@@ -218,3 +218,26 @@ def _validate(kind: str, model: str, revision: str | None, folder: Path, max_tok
 
 
 __all__ = ["export_causal", "chat_frame", "YES_VARIANTS", "make_prompt", "PROMPT_PREFIX", "PROMPT_SUFFIX"]
+
+
+def add_int8_variant(folder: str | Path) -> Path:
+    """Add the int8 variant to an exported causal folder that holds fp32 only (one exported with
+    `variants=("fp32",)`), without exporting again; the manifest is rewritten with the new files."""
+    import onnx
+
+    from streamfilter.models import graphs
+    from streamfilter.models.manifest import load_manifest
+
+    m = load_manifest(folder)
+    if m.backend != "causal":
+        raise UserError(f"{m.root}: add_int8_variant is for causal exports; this one is {m.backend!r}")
+    if "int8" in m.variants:
+        return m.root
+    src = m.path(m.variants["fp32"]["model"])
+    head = graphs.lm_head_nodes(onnx.load(str(src), load_external_data=False), m.config["vocab_size"])
+    files = graphs.quantize_int8(src, src.with_name("model.int8.onnx"), exclude_nodes=head)
+    fields = {k: v for k, v in m.raw.items() if k not in ("format_version", "files")}
+    fields["variants"] = {**m.variants, "int8": {"model": files[0], "external_data": files[1:], **_variant_notes("int8")}}
+    write_manifest(m.root, fields, sorted(set(m.files) | set(files)))
+    log.info("added int8 to %s (%s)", m.root, ", ".join(files))
+    return m.root

@@ -294,24 +294,114 @@ def quantize_int8(src: Path, dst: Path, *, exclude_nodes: Sequence[str] = ()) ->
     # A graph whose weights live in a side file is small itself: count the side files too.
     side = [f for f in src.parent.glob(src.name + "*") if f != src] + list(src.parent.glob(src.stem + ".onnx_data"))
     big = src.stat().st_size + sum(f.stat().st_size for f in set(side)) > EXTERNAL_DATA_THRESHOLD_BYTES
+    if big:
+        return quantize_int8_streaming(src, dst, exclude_nodes=exclude_nodes)
     root = logging.getLogger()
     level = root.level
     root.setLevel(max(level, logging.ERROR))  # the quantizer logs one INFO line per tensor on the root logger
     try:
-        _quantize(src, dst, exclude_nodes, big)
+        _quantize(src, dst, exclude_nodes)
     finally:
         root.setLevel(level)
-    return [dst.name] + ([dst.name + ".data"] if (dst.parent / (dst.name + ".data")).exists() else [])
+    return [dst.name]
 
 
-def _quantize(src: Path, dst: Path, exclude_nodes: Sequence[str], big: bool) -> None:
+def _quantize(src: Path, dst: Path, exclude_nodes: Sequence[str]) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     quantize_dynamic(
         model_input=str(src), model_output=str(dst), weight_type=QuantType.QInt8, per_channel=True,
         op_types_to_quantize=["MatMul", "Gather"], nodes_to_exclude=list(exclude_nodes),
-        use_external_data_format=big, extra_options={"MatMulConstBOnly": True},
+        extra_options={"MatMulConstBOnly": True},
     )
+
+
+def quantize_int8_streaming(src: Path, dst: Path, *, exclude_nodes: Sequence[str] = ()) -> list[str]:
+    """int8 variant of a graph too big for onnxruntime's quantizer, one weight at a time.
+
+    `quantize_dynamic` holds the whole model several times over (more than 20 GB for a 7 GB
+    Qwen2.5-1.5B graph). Here each weight MatMul's matrix is read alone (memory-mapped from
+    the side file), quantized per output column the way `quantize_dynamic` does for QInt8
+    (symmetric, scale = max|w| / 127, zero point 0), appended to `<dst>.data`, and the MatMul
+    becomes one com.microsoft `DynamicQuantizeMatMul` (activations quantized per batch at run
+    time: the node onnxruntime fuses `quantize_dynamic`'s output into). Nodes in
+    `exclude_nodes`, embedding Gathers, norms and biases stay fp32 and keep pointing at the
+    source's side file, so `dst` must sit beside `src`. Peak memory is one weight matrix.
+    Returns the files the variant reads: `dst`, its data file, and the source side files it shares.
+    """
+    if dst.parent.resolve() != src.parent.resolve():
+        raise UserError(f"{dst}: the int8 graph shares {src.name}'s side file and must be written beside it")
+    model = onnx.load(str(src), load_external_data=False)
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    excluded = set(exclude_nodes)
+    data_name = dst.name + ".data"
+    done: dict[str, list[str]] = {}  # fp32 weight -> [int8 weight, scale, zero point]
+    added: list[TensorProto] = []
+    nodes = []
+    with open(dst.parent / data_name, "wb") as data:
+        for node in g.node:
+            weight = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
+            if (weight is None or node.name in excluded or len(weight.dims) != 2
+                    or weight.data_type != TensorProto.FLOAT):
+                nodes.append(node)
+                continue
+            if weight.name not in done:
+                q, scale = _int8_per_column(_read_weight(weight, src.parent))
+                names = [f"{weight.name}_int8", f"{weight.name}_scale", f"{weight.name}_zero_point"]
+                added += [_append_external(q, names[0], data, data_name),
+                          numpy_helper.from_array(scale, names[1]),
+                          numpy_helper.from_array(np.zeros_like(q[0]), names[2])]
+                done[weight.name] = names
+            nodes.append(helper.make_node("DynamicQuantizeMatMul", [node.input[0], *done[weight.name]],
+                                          list(node.output), name=node.name + "_int8", domain="com.microsoft"))
+    used = {x for n in nodes for x in n.input} | {x for n in nodes for a in n.attribute if a.g for x in _subgraph_inputs(a.g)}
+    _replace(g.node, nodes)
+    _replace(g.initializer, [i for i in g.initializer if i.name in used] + added)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    onnx.save_model(model, str(dst))
+    shared = sorted({e.value for i in g.initializer for e in i.external_data if e.key == "location"} - {data_name})
+    return [dst.name, data_name, *shared]
+
+
+def _subgraph_inputs(graph: onnx.GraphProto) -> set[str]:
+    return {x for n in graph.node for x in n.input} | {x for n in graph.node for a in n.attribute if a.g
+                                                       for x in _subgraph_inputs(a.g)}
+
+
+def _read_weight(tensor: TensorProto, base: Path) -> np.ndarray:
+    """An fp32 initializer's values; a side file's are read alone (not the whole file)."""
+    if tensor.data_location != TensorProto.EXTERNAL:
+        return numpy_helper.to_array(tensor)
+    info = {e.key: e.value for e in tensor.external_data}
+    count = int(np.prod(tensor.dims))
+    values = np.fromfile(base / info["location"], dtype="<f4", count=count, offset=int(info.get("offset", 0)))
+    if values.size != count:
+        raise UserError(f"{base / info['location']}: {tensor.name} is cut short ({values.size} of {count} values)")
+    return values.reshape(tuple(tensor.dims))
+
+
+def _int8_per_column(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 per output column of a [in, out] matrix: q = round(w / scale), scale = max|w| / 127."""
+    absmax = np.abs(w).max(axis=0)
+    scale = np.where(absmax > 0, absmax / 127.0, 1.0).astype(np.float32)
+    q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
+    return q, scale
+
+
+def _append_external(values: np.ndarray, name: str, data, data_name: str) -> TensorProto:
+    """A tensor whose bytes are appended (4 KiB aligned) to the open side file `data`."""
+    pad = -data.tell() % 4096
+    data.write(b"\0" * pad)
+    offset = data.tell()
+    raw = np.ascontiguousarray(values).tobytes()
+    data.write(raw)
+    t = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(values.dtype), dims=values.shape)
+    t.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(len(raw)))):
+        t.external_data.add(key=key, value=value)
+    return t
 
 
 # Matmuls that may run in 16-bit: attention projections and the feed-forward input. T5's

@@ -111,6 +111,77 @@ def test_int8_variant_ranks_like_fp32(causal_models, causal_askllm, sample_texts
     assert kendalltau(int8.score(sample_texts), causal_askllm.score(sample_texts)).statistic > 0.8
 
 
+def _run_graph(path, ids, mask):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {"input_ids": ids.astype(np.int64), "attention_mask": mask.astype(np.int64)})
+
+
+def test_side_file_graphs_are_quantized_one_weight_at_a_time_like_onnxruntime(causal_models, causal_askllm,
+                                                                               sample_texts, tmp_path, monkeypatch):
+    """A graph over 2 GB (its weights in a side file) gets int8 from the streaming quantizer, which
+    must compute what onnxruntime's quantize_dynamic would (that one needs > 20 GB for a 1.5B model)."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from streamfilter.errors import UserError
+    from streamfilter.models import graphs
+
+    fp32 = onnx.load(str(causal_models.askllm / "model.onnx"))
+    head = graphs.lm_head_nodes(fp32, load_manifest(causal_models.askllm).config["vocab_size"])
+    weights = {n.input[1] for n in fp32.graph.node if n.op_type == "MatMul" and n.name not in head} & {
+        i.name for i in fp32.graph.initializer}
+    onnx.save_model(fp32, str(tmp_path / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="model.onnx_data", size_threshold=64)
+    monkeypatch.setattr(graphs, "EXTERNAL_DATA_THRESHOLD_BYTES", 0)  # what a 7 GB export looks like
+    files = graphs.quantize_int8(tmp_path / "model.onnx", tmp_path / "model.int8.onnx", exclude_nodes=head)
+    assert files == ["model.int8.onnx", "model.int8.onnx.data", "model.onnx_data"]  # fp32 rest shared, not copied
+
+    q = onnx.load(str(tmp_path / "model.int8.onnx"), load_external_data=False)
+    assert sum(n.op_type == "DynamicQuantizeMatMul" for n in q.graph.node) == len(weights) > 0
+    assert not weights & {i.name for i in q.graph.initializer}  # no fp32 copy of a quantized weight left
+    assert [n.name for n in q.graph.node if n.op_type == "MatMul" and n.input[1] in
+            {i.name for i in q.graph.initializer}] == head  # the LM head stays fp32
+
+    quantize_dynamic(str(causal_models.askllm / "model.onnx"), str(tmp_path / "reference.onnx"),
+                     weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"],
+                     nodes_to_exclude=head, extra_options={"MatMulConstBOnly": True})
+    ids, mask = pad_batch(causal_askllm.prompt_ids(sample_texts), causal_askllm.pad_token_id)
+    ours, reference, full = (_run_graph(tmp_path / name, ids, mask)[0]
+                             for name in ("model.int8.onnx", "reference.onnx", "model.onnx"))
+    assert np.max(np.abs(ours - reference)) <= 1e-6
+    assert np.max(np.abs(np.exp(ours) - np.exp(full))) > 1e-4  # quantization did happen
+
+    elsewhere = tmp_path / "other"
+    elsewhere.mkdir()
+    with pytest.raises(UserError, match="must be written beside it"):
+        graphs.quantize_int8_streaming(tmp_path / "model.onnx", elsewhere / "model.int8.onnx")
+
+
+def test_int8_is_added_to_an_fp32_only_export(causal_models, causal_askllm, sample_texts, tmp_path):
+    import shutil
+
+    from streamfilter.models.export_causal import add_int8_variant
+    from streamfilter.models.manifest import write_manifest
+
+    folder = tmp_path / "askllm"
+    shutil.copytree(causal_models.askllm, folder)
+    m = load_manifest(folder)
+    (folder / m.variants["int8"]["model"]).unlink()
+    fields = {k: v for k, v in m.raw.items() if k not in ("format_version", "files")}
+    fields["variants"] = {"fp32": m.variants["fp32"]}
+    write_manifest(folder, fields, [f for f in m.files if f != m.variants["int8"]["model"]])
+    with pytest.raises(Exception, match="int8"):
+        AskLLMScorer.load(folder, variant="int8")
+
+    add_int8_variant(folder)
+    int8 = AskLLMScorer.load(folder, variant="int8")
+    load_manifest(folder).verify_all()
+    reference = AskLLMScorer.load(causal_models.askllm, variant="int8")
+    assert np.max(np.abs(int8.score(sample_texts) - reference.score(sample_texts))) <= 1e-6
+
+
 def test_perplexity_matches_transformers_loss(perplexity, torch_causal, sample_texts):
     ids = perplexity.token_ids(sample_texts)
     assert all(seq[0] == perplexity.start_token_id for seq in ids)
