@@ -172,12 +172,12 @@ def export_causal(
             staging = _staging_dir(out)
             files = {"fp32": _save_graph(graph, tmp_path, external, staging)}
             if "int8" in variants:
-                files["int8"] = graphs.quantize_int8(staging / "model.onnx", staging / "model.int8.onnx",
-                                                     exclude_nodes=graphs.lm_head_nodes(graph, config.vocab_size))
+                files["int8"] = quantize_causal_int8(staging / "model.onnx", graph, config.vocab_size)
             del graph
             _save_tokenizer(tokenizer.backend_tokenizer, staging / "tokenizer.json")
             fields = {"kind": kind, **common,
-                      "variants": {v: {"model": f[0], "external_data": f[1:], **_variant_notes(v)} for v, f in files.items()},
+                      "variants": {v: {"model": f[0], "external_data": f[1:], **_causal_variant_notes(v)}
+                                   for v, f in files.items()},
                       "config": cfg, "opset": opset_version,
                       "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
             write_manifest(staging, fields, [f for fs in files.values() for f in fs] + ["tokenizer.json"])
@@ -220,24 +220,48 @@ def _validate(kind: str, model: str, revision: str | None, folder: Path, max_tok
 __all__ = ["export_causal", "chat_frame", "YES_VARIANTS", "make_prompt", "PROMPT_PREFIX", "PROMPT_SUFFIX"]
 
 
-def add_int8_variant(folder: str | Path) -> Path:
+# Where LLM activations have outliers, per-tensor int8 activations lose them: the down
+# projections stay fp32 (on Qwen2.5-1.5B, quantizing them too moved P(yes) by up to 0.5;
+# bench/RESULTS.md, "Real-model Ask-LLM check").
+CAUSAL_INT8_NOTE = ("dynamic int8 (weights per column, activations per batch) for attention and feed-forward input "
+                    "matmuls; feed-forward down projections, embeddings and LM head fp32")
+
+
+def _causal_variant_notes(variant: str) -> dict:
+    return {"device": "cpu", "note": CAUSAL_INT8_NOTE} if variant == "int8" else _variant_notes(variant)
+
+
+def quantize_causal_int8(src: Path, graph, vocab_size: int) -> list[str]:
+    """The causal int8 variant of `src` (its `graph` already loaded, weights not needed), written
+    beside it as `model.int8.onnx` one weight at a time, whatever the model's size."""
+    from streamfilter.models import graphs
+
+    keep = graphs.lm_head_nodes(graph, vocab_size) + graphs.down_projection_nodes(graph, vocab_size)
+    return graphs.quantize_int8_streaming(src, src.with_name("model.int8.onnx"), exclude_nodes=keep)
+
+
+def add_int8_variant(folder: str | Path, *, replace: bool = False) -> Path:
     """Add the int8 variant to an exported causal folder that holds fp32 only (one exported with
-    `variants=("fp32",)`), without exporting again; the manifest is rewritten with the new files."""
+    `variants=("fp32",)`), without exporting again, or (`replace`) make it anew with the current
+    recipe; the manifest is rewritten with the new files."""
     import onnx
 
-    from streamfilter.models import graphs
     from streamfilter.models.manifest import load_manifest
 
     m = load_manifest(folder)
     if m.backend != "causal":
         raise UserError(f"{m.root}: add_int8_variant is for causal exports; this one is {m.backend!r}")
-    if "int8" in m.variants:
+    if "int8" in m.variants and not replace:
         return m.root
+    old = set(m.files) - {f for v, spec in m.variants.items() if v != "int8"
+                          for f in [spec["model"], *spec.get("external_data", [])]} - {m.tokenizer}
+    for name in old:
+        m.path(name).unlink(missing_ok=True)
     src = m.path(m.variants["fp32"]["model"])
-    head = graphs.lm_head_nodes(onnx.load(str(src), load_external_data=False), m.config["vocab_size"])
-    files = graphs.quantize_int8(src, src.with_name("model.int8.onnx"), exclude_nodes=head)
+    files = quantize_causal_int8(src, onnx.load(str(src), load_external_data=False), m.config["vocab_size"])
     fields = {k: v for k, v in m.raw.items() if k not in ("format_version", "files")}
-    fields["variants"] = {**m.variants, "int8": {"model": files[0], "external_data": files[1:], **_variant_notes("int8")}}
-    write_manifest(m.root, fields, sorted(set(m.files) | set(files)))
+    fields["variants"] = {**m.variants, "int8": {"model": files[0], "external_data": files[1:],
+                                                 **_causal_variant_notes("int8")}}
+    write_manifest(m.root, fields, sorted((set(m.files) - old) | set(files)))
     log.info("added int8 to %s (%s)", m.root, ", ".join(files))
     return m.root

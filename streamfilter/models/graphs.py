@@ -281,6 +281,21 @@ def lm_head_nodes(model: onnx.ModelProto, vocab_size: int) -> list[str]:
             if n.op_type == "MatMul" and any(shapes.get(x, (None,))[-1] == vocab_size for x in n.input)]
 
 
+def down_projection_nodes(model: onnx.ModelProto, vocab_size: int) -> list[str]:
+    """Names of MatMul nodes that project a wider activation back into the residual stream
+    (weight [K, hidden] with K > hidden: the feed-forward down projections). Their inputs carry
+    the outlier features of LLMs that per-tensor int8 activations cannot hold. The hidden size
+    is read off the LM head's weight [hidden, vocab]."""
+    shapes = {i.name: tuple(i.dims) for i in model.graph.initializer}
+    heads = [shapes[x] for n in model.graph.node if n.op_type == "MatMul" for x in n.input
+             if len(shapes.get(x, ())) == 2 and shapes[x][1] == vocab_size]
+    if not heads:
+        raise UserError(f"no LM head (a [hidden, {vocab_size}] MatMul weight) in the graph")
+    hidden = heads[0][0]
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and len(n.input) == 2
+            and len(shapes.get(n.input[1], ())) == 2 and shapes[n.input[1]][1] == hidden and shapes[n.input[1]][0] > hidden]
+
+
 def quantize_int8(src: Path, dst: Path, *, exclude_nodes: Sequence[str] = ()) -> list[str]:
     """Dynamic int8 quantization (weights int8, activations quantized per batch at run time) for CPU.
 
@@ -316,7 +331,8 @@ def _quantize(src: Path, dst: Path, exclude_nodes: Sequence[str]) -> None:
     )
 
 
-def quantize_int8_streaming(src: Path, dst: Path, *, exclude_nodes: Sequence[str] = ()) -> list[str]:
+def quantize_int8_streaming(src: Path, dst: Path, *, exclude_nodes: Sequence[str] = (), method: str = "dynamic",
+                            block_size: int = 32) -> list[str]:
     """int8 variant of a graph too big for onnxruntime's quantizer, one weight at a time.
 
     `quantize_dynamic` holds the whole model several times over (more than 20 GB for a 7 GB
@@ -346,15 +362,27 @@ def quantize_int8_streaming(src: Path, dst: Path, *, exclude_nodes: Sequence[str
                     or weight.data_type != TensorProto.FLOAT):
                 nodes.append(node)
                 continue
+            k, n = weight.dims
             if weight.name not in done:
-                q, scale = _int8_per_column(_read_weight(weight, src.parent))
-                names = [f"{weight.name}_int8", f"{weight.name}_scale", f"{weight.name}_zero_point"]
-                added += [_append_external(q, names[0], data, data_name),
-                          numpy_helper.from_array(scale, names[1]),
-                          numpy_helper.from_array(np.zeros_like(q[0]), names[2])]
+                w = _read_weight(weight, src.parent)
+                if method == "dynamic":
+                    q, scale = _int8_per_column(w)
+                    names = [f"{weight.name}_int8", f"{weight.name}_scale", f"{weight.name}_zero_point"]
+                    added += [_append_external(q, names[0], data, data_name),
+                              numpy_helper.from_array(scale, names[1]),
+                              numpy_helper.from_array(np.zeros_like(q[0]), names[2])]
+                else:
+                    q, scale = _int8_blocks(w, block_size)
+                    names = [f"{weight.name}_int8_blocks", f"{weight.name}_block_scales"]
+                    added += [_append_external(q, names[0], data, data_name), numpy_helper.from_array(scale, names[1])]
                 done[weight.name] = names
-            nodes.append(helper.make_node("DynamicQuantizeMatMul", [node.input[0], *done[weight.name]],
-                                          list(node.output), name=node.name + "_int8", domain="com.microsoft"))
+            if method == "dynamic":
+                nodes.append(helper.make_node("DynamicQuantizeMatMul", [node.input[0], *done[weight.name]],
+                                              list(node.output), name=node.name + "_int8", domain="com.microsoft"))
+            else:
+                nodes.append(helper.make_node("MatMulNBits", [node.input[0], *done[weight.name]], list(node.output),
+                                              name=node.name + "_int8", domain="com.microsoft", K=k, N=n, bits=8,
+                                              block_size=block_size, accuracy_level=4))
     used = {x for n in nodes for x in n.input} | {x for n in nodes for a in n.attribute if a.g for x in _subgraph_inputs(a.g)}
     _replace(g.node, nodes)
     _replace(g.initializer, [i for i in g.initializer if i.name in used] + added)
@@ -388,6 +416,22 @@ def _int8_per_column(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     scale = np.where(absmax > 0, absmax / 127.0, 1.0).astype(np.float32)
     q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
     return q, scale
+
+
+def _int8_blocks(w: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """MatMulNBits' 8-bit layout of a [K, N] matrix: per column, blocks of `block_size` along K,
+    symmetric (scale = max|w| / 127 per block), by onnxruntime's own packing kernel."""
+    from onnxruntime.capi._pybind_state import quantize_matmul_8bits
+
+    k, n = w.shape
+    blocks = -(-k // block_size)
+    if blocks * block_size != k:
+        w = np.pad(w, ((0, blocks * block_size - k), (0, 0)))
+    packed = np.zeros((n, blocks, block_size), dtype=np.uint8)
+    scales = np.zeros((n, blocks), dtype=np.float32)
+    zero_points = np.zeros((n, blocks), dtype=np.uint8)
+    quantize_matmul_8bits(packed, np.ascontiguousarray(w, dtype=np.float32), scales, zero_points, block_size, n, k, True)
+    return packed, scales
 
 
 def _append_external(values: np.ndarray, name: str, data, data_name: str) -> TensorProto:

@@ -181,6 +181,27 @@ def test_int8_is_added_to_an_fp32_only_export(causal_models, causal_askllm, samp
     reference = AskLLMScorer.load(causal_models.askllm, variant="int8")
     assert np.max(np.abs(int8.score(sample_texts) - reference.score(sample_texts))) <= 1e-6
 
+    before = set(p.name for p in folder.iterdir())
+    add_int8_variant(folder, replace=True)  # made anew: same files, nothing left over
+    assert set(p.name for p in folder.iterdir()) == before
+    load_manifest(folder).verify_all()
+
+
+def test_causal_int8_keeps_the_down_projections_lm_head_and_embeddings_fp32(causal_models):
+    import onnx
+
+    from streamfilter.models import graphs
+
+    m = load_manifest(causal_models.askllm)
+    fp32 = onnx.load(str(m.path(m.variants["fp32"]["model"])), load_external_data=False)
+    down = graphs.down_projection_nodes(fp32, m.config["vocab_size"])
+    assert len(down) == 2 and all("down_proj" in name for name in down)  # one per layer of the tiny Qwen2
+    int8 = onnx.load(str(m.path(m.variants["int8"]["model"])), load_external_data=False)
+    ops = {n.name: n.op_type for n in int8.graph.node}
+    assert all(ops[name] == "MatMul" for name in down + graphs.lm_head_nodes(fp32, m.config["vocab_size"]))
+    assert sum(op == "DynamicQuantizeMatMul" for op in ops.values()) == 2 * 6  # q, k, v, o, gate, up per layer
+    assert "down projections" in m.variants["int8"]["note"]
+
 
 def test_perplexity_matches_transformers_loss(perplexity, torch_causal, sample_texts):
     ids = perplexity.token_ids(sample_texts)
