@@ -55,21 +55,29 @@ class Output:
 
 
 class Outputs(list):
-    """A micro-batch's output records, plus counter increments applied only once its transaction
-    commits: a batch aborted and read again is counted once, so the metrics match the topics."""
+    """A micro-batch's output records, plus the counter increments and the per-document histogram
+    observations (scores, keep probabilities) applied only once its transaction commits: a batch
+    aborted and read again is counted once, so the metrics match the topics. (Timings of the work
+    done are observed when it is done: a retried batch was computed twice.)"""
 
     def __init__(self, *args):
         super().__init__(*args)
         self.tally: dict[tuple, float] = {}
+        self.observations: list[tuple[object, tuple[str, ...], float]] = []
 
     def count(self, counter, labels: tuple[str, ...], n: float = 1) -> None:
         key = (counter, labels)
         self.tally[key] = self.tally.get(key, 0) + n
 
+    def observe(self, histogram, labels: tuple[str, ...], value: float) -> None:
+        self.observations.append((histogram, labels, value))
+
     def apply(self) -> None:
         for (counter, labels), n in self.tally.items():
             if n:
                 counter.labels(*labels).inc(n)
+        for histogram, labels, value in self.observations:
+            (histogram.labels(*labels) if labels else histogram).observe(value)
 
 
 @dataclass

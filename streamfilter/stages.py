@@ -80,7 +80,7 @@ class ScoreTransform:
             good, scores, embeddings = self._infer(good, outputs)
             nlls = self._perplexity([doc.text for _, doc in good])
             for (record, doc), score, embedding, nll in zip(good, scores.tolist(), embeddings, nlls):
-                metrics.ASKLLM_SCORE.observe(score)
+                outputs.observe(metrics.ASKLLM_SCORE, (), score)
                 scored = ScoredRecord(doc, score, embedding, self.scorer.model_id, self.embedder.model_id,
                                       (record.topic, record.partition, record.offset), perplexity=nll,
                                       perplexity_model=self.perplexity.model_id if self.perplexity else None)
@@ -226,9 +226,9 @@ class RouteTransform:
         kept = 0
         for (_, s), decision in zip(scored, decisions):
             kept += decision.keep
-            metrics.KEEP_PROBABILITY.labels(decision.policy).observe(decision.probability)
+            outputs.observe(metrics.KEEP_PROBABILITY, (decision.policy,), decision.probability)
             if not math.isnan(decision.density):
-                metrics.DENSITY_SCORE.observe(decision.density)
+                outputs.observe(metrics.DENSITY_SCORE, (), decision.density)
             topic = topics.accepted if decision.keep else topics.rejected
             if topic:
                 outputs.append(Output(topic, encode_document(s.document), key=s.document.id.encode(),

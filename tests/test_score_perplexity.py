@@ -36,3 +36,25 @@ def test_score_stage_adds_perplexity_only_when_configured():
     assert [g.perplexity for g in got] == [2.0, 4.0] and {g.perplexity_model for g in got} == {"ppl@1"}
     without = ScoreTransform(config, scorer=askllm, embedder=embedder)(_records(["ab"]))
     assert decode_scored(without[0].value).perplexity is None
+
+
+def test_score_histogram_and_counters_move_once_per_committed_batch():
+    """A batch transformed twice (its transaction aborted, then read again) is observed once: on apply."""
+    from streamfilter import metrics
+
+    def value(name, labels=None):
+        return metrics.REGISTRY.get_sample_value(name, labels or {}) or 0.0
+
+    config = Config()
+    stage = ScoreTransform(config, scorer=_Fake("ask@1", lambda t: 0.93), embedder=_Fake("emb@1", None))
+    bucket = {"le": "0.95"}
+    before = value("streamfilter_askllm_score_count"), value("streamfilter_askllm_score_bucket", bucket)
+    scored = {"stage": stage.stage, "outcome": "scored"}
+    docs_before = value("streamfilter_documents_total", scored)
+    stage(_records(["a", "b", "c"]))  # aborted: never applied
+    retried = stage(_records(["a", "b", "c"]))
+    assert value("streamfilter_askllm_score_count") == before[0]
+    retried.apply()  # committed
+    assert value("streamfilter_askllm_score_count") == before[0] + 3
+    assert value("streamfilter_askllm_score_bucket", bucket) == before[1] + 3
+    assert value("streamfilter_documents_total", scored) == docs_before + 3
