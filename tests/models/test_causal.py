@@ -104,6 +104,12 @@ def test_truncation_keeps_the_question_and_the_template(causal_askllm):
     assert short[: len(prefix)] == prefix and short[-len(suffix):] == suffix and len(short) == small.max_tokens
 
 
+def test_default_variant_on_cpu_is_fp32_for_causal_askllm_and_int8_for_perplexity(causal_models):
+    assert AskLLMScorer.load(causal_models.askllm).variant == "fp32"  # its int8 measurably mis-ranks
+    assert PerplexityScorer.load(causal_models.perplexity).variant == "int8"
+    assert AskLLMScorer.load(causal_models.askllm, variant="int8").variant == "int8"  # pinned: honoured
+
+
 def test_int8_variant_ranks_like_fp32(causal_models, causal_askllm, sample_texts):
     from scipy.stats import kendalltau
 
