@@ -63,21 +63,21 @@ class Outputs(list):
     def __init__(self, *args):
         super().__init__(*args)
         self.tally: dict[tuple, float] = {}
-        self.observations: list[tuple[object, tuple[str, ...], float]] = []
+        self.observations: list[tuple[object, float]] = []  # (histogram, labels applied), value
 
     def count(self, counter, labels: tuple[str, ...], n: float = 1) -> None:
         key = (counter, labels)
         self.tally[key] = self.tally.get(key, 0) + n
 
-    def observe(self, histogram, labels: tuple[str, ...], value: float) -> None:
-        self.observations.append((histogram, labels, value))
+    def observe(self, histogram, value: float) -> None:
+        self.observations.append((histogram, value))
 
     def apply(self) -> None:
         for (counter, labels), n in self.tally.items():
             if n:
                 counter.labels(*labels).inc(n)
-        for histogram, labels, value in self.observations:
-            (histogram.labels(*labels) if labels else histogram).observe(value)
+        for histogram, value in self.observations:
+            histogram.observe(value)
 
 
 @dataclass
@@ -161,6 +161,28 @@ def new_transactional_producer(config: Config, transactional_id: str):
 def broker_connected(consumer) -> bool:
     client = consumer._client  # kafka-python exposes no public connectivity check
     return any(client.connected(b.node_id) for b in client.cluster.brokers())
+
+
+def stuck_partitions(consumer, stage: str) -> dict:
+    """{partition: (position, end)} of the unpaused assigned partitions with readable records ahead
+    of the consumer (a read_committed consumer's end offsets are the last stable offsets, so an
+    upstream transaction still open does not count); logged as a warning when there are any.
+    Empty when there are none or the broker could not be asked (the retry paths handle that)."""
+    assigned = consumer.assignment()
+    if not assigned:
+        return {}
+    try:
+        ends = consumer.end_offsets(list(assigned))
+        paused = consumer.paused()
+        behind = {tp: (consumer.position(tp, timeout_ms=1000), end) for tp, end in ends.items() if tp not in paused}
+    except Exception as exc:  # noqa: BLE001 - the broker may be away
+        log.debug("%s: stall check failed: %s", stage, exc)
+        return {}
+    stuck = {tp: (p, e) for tp, (p, e) in behind.items() if p is not None and e is not None and p < e}
+    if stuck:
+        log.warning("%s: no records for %.0fs although %s; recreating the consumer", stage, STALL_CHECK_S,
+                    ", ".join(f"{tp.topic}[{tp.partition}] is at {p} of {e}" for tp, (p, e) in sorted(stuck.items())))
+    return stuck
 
 
 class TransactionalLoop:
@@ -310,21 +332,8 @@ class TransactionalLoop:
         """
         self._records_at = time.monotonic()
         consumer = self.consumer
-        assigned = consumer.assignment()
-        if not assigned:
+        if not stuck_partitions(consumer, self.stage):
             return
-        try:
-            ends = consumer.end_offsets(list(assigned))
-            behind = {tp: (consumer.position(tp, timeout_ms=1000), end) for tp, end in ends.items()
-                      if tp not in consumer.paused()}
-        except Exception as exc:  # noqa: BLE001 - the broker may be away: the retry paths handle that
-            log.debug("%s: stall check failed: %s", self.stage, exc)
-            return
-        stuck = {tp: pe for tp, pe in behind.items() if pe[0] is not None and pe[1] is not None and pe[0] < pe[1]}
-        if not stuck:
-            return
-        log.warning("%s: no records for %.0fs although %s; recreating the consumer", self.stage, STALL_CHECK_S,
-                    ", ".join(f"{tp.topic}[{tp.partition}] is at {p} of {e}" for tp, (p, e) in sorted(stuck.items())))
         metrics.RETRIES.labels(self.stage).inc()
         self.generation += 1  # in-flight batches are dropped, as on a rebalance
         try:

@@ -80,7 +80,7 @@ class ScoreTransform:
             good, scores, embeddings = self._infer(good, outputs)
             nlls = self._perplexity([doc.text for _, doc in good])
             for (record, doc), score, embedding, nll in zip(good, scores.tolist(), embeddings, nlls):
-                outputs.observe(metrics.ASKLLM_SCORE, (), score)
+                outputs.observe(metrics.ASKLLM_SCORE, score)
                 scored = ScoredRecord(doc, score, embedding, self.scorer.model_id, self.embedder.model_id,
                                       (record.topic, record.partition, record.offset), perplexity=nll,
                                       perplexity_model=self.perplexity.model_id if self.perplexity else None)
@@ -226,9 +226,9 @@ class RouteTransform:
         kept = 0
         for (_, s), decision in zip(scored, decisions):
             kept += decision.keep
-            outputs.observe(metrics.KEEP_PROBABILITY, (decision.policy,), decision.probability)
+            outputs.observe(metrics.KEEP_PROBABILITY.labels(decision.policy), decision.probability)
             if not math.isnan(decision.density):
-                outputs.observe(metrics.DENSITY_SCORE, (), decision.density)
+                outputs.observe(metrics.DENSITY_SCORE, decision.density)
             topic = topics.accepted if decision.keep else topics.rejected
             if topic:
                 outputs.append(Output(topic, encode_document(s.document), key=s.document.id.encode(),
@@ -383,21 +383,12 @@ class SketchAggregator:
     def _check_stalled(self) -> None:
         """As `TransactionalLoop._check_stalled`: readable records ahead but none returned for a
         while (a kafka-python consumer seen stuck under load) → reconnect at the covered offsets."""
-        from streamfilter.kafka_loop import STALL_CHECK_S
+        from streamfilter.kafka_loop import STALL_CHECK_S, stuck_partitions
 
         if time.monotonic() - self._records_at < STALL_CHECK_S:
             return
         self._records_at = time.monotonic()
-        assigned = list(self.consumer.assignment())
-        try:
-            ends = self.consumer.end_offsets(assigned)
-            stuck = [tp for tp, end in ends.items() if (self.consumer.position(tp, timeout_ms=1000) or end) < end]
-        except Exception as exc:  # noqa: BLE001 - broker away: the retry path handles it
-            log.debug("sketch: stall check failed: %s", exc)
-            return
-        if stuck:
-            log.warning("sketch: no records for %.0fs although %d partition(s) have some; reconnecting",
-                        STALL_CHECK_S, len(stuck))
+        if stuck_partitions(self.consumer, self.stage):
             metrics.RETRIES.labels(self.stage).inc()
             self._reconnect()
 

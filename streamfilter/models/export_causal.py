@@ -176,7 +176,7 @@ def export_causal(
             del graph
             _save_tokenizer(tokenizer.backend_tokenizer, staging / "tokenizer.json")
             fields = {"kind": kind, **common,
-                      "variants": {v: {"model": f[0], "external_data": f[1:], **_causal_variant_notes(v)}
+                      "variants": {v: {"model": f[0], "external_data": f[1:], **_causal_variant_notes(v, kind)}
                                    for v, f in files.items()},
                       "config": cfg, "opset": opset_version,
                       "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -227,8 +227,12 @@ CAUSAL_INT8_NOTE = ("dynamic int8 (weights per column, activations per batch) fo
                     "matmuls; feed-forward down projections, embeddings and LM head fp32")
 
 
-def _causal_variant_notes(variant: str) -> dict:
-    return {"device": "cpu", "note": CAUSAL_INT8_NOTE} if variant == "int8" else _variant_notes(variant)
+def _causal_variant_notes(variant: str, kind: str) -> dict:
+    """Manifest notes of a causal variant; Ask-LLM's int8 is never picked by `variant = auto`: it
+    lowered real-vs-junk ROC AUC from 0.963 to 0.916 on Qwen2.5-1.5B (perplexity's: -0.006)."""
+    if variant != "int8":
+        return _variant_notes(variant)
+    return {"device": "cpu", "note": CAUSAL_INT8_NOTE, **({"auto": False} if kind == "askllm" else {})}
 
 
 def quantize_causal_int8(src: Path, graph, vocab_size: int) -> list[str]:
@@ -261,7 +265,7 @@ def add_int8_variant(folder: str | Path, *, replace: bool = False) -> Path:
     files = quantize_causal_int8(src, onnx.load(str(src), load_external_data=False), m.config["vocab_size"])
     fields = {k: v for k, v in m.raw.items() if k not in ("format_version", "files")}
     fields["variants"] = {**m.variants, "int8": {"model": files[0], "external_data": files[1:],
-                                                 **_causal_variant_notes("int8")}}
+                                                 **_causal_variant_notes("int8", m.kind)}}
     write_manifest(m.root, fields, sorted((set(m.files) - old) | set(files)))
     log.info("added int8 to %s (%s)", m.root, ", ".join(files))
     return m.root

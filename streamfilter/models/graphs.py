@@ -336,7 +336,7 @@ def quantize_int8_streaming(src: Path, dst: Path, *, exclude_nodes: Sequence[str
     """int8 variant of a graph too big for onnxruntime's quantizer, one weight at a time.
 
     `quantize_dynamic` holds the whole model several times over (more than 20 GB for a 7 GB
-    Qwen2.5-1.5B graph). Here each weight MatMul's matrix is read alone (memory-mapped from
+    Qwen2.5-1.5B graph). Here each weight MatMul's matrix is read alone (from its offset in
     the side file), quantized per output column the way `quantize_dynamic` does for QInt8
     (symmetric, scale = max|w| / 127, zero point 0), appended to `<dst>.data`, and the MatMul
     becomes one com.microsoft `DynamicQuantizeMatMul` (activations quantized per batch at run
@@ -352,7 +352,7 @@ def quantize_int8_streaming(src: Path, dst: Path, *, exclude_nodes: Sequence[str
     inits = {i.name: i for i in g.initializer}
     excluded = set(exclude_nodes)
     data_name = dst.name + ".data"
-    done: dict[str, list[str]] = {}  # fp32 weight -> [int8 weight, scale, zero point]
+    done: dict[str, tuple[list[str], str, dict]] = {}  # fp32 weight -> (its inputs, op type, attributes)
     added: list[TensorProto] = []
     nodes = []
     with open(dst.parent / data_name, "wb") as data:
@@ -362,7 +362,6 @@ def quantize_int8_streaming(src: Path, dst: Path, *, exclude_nodes: Sequence[str
                     or weight.data_type != TensorProto.FLOAT):
                 nodes.append(node)
                 continue
-            k, n = weight.dims
             if weight.name not in done:
                 w = _read_weight(weight, src.parent)
                 if method == "dynamic":
@@ -371,18 +370,16 @@ def quantize_int8_streaming(src: Path, dst: Path, *, exclude_nodes: Sequence[str
                     added += [_append_external(q, names[0], data, data_name),
                               numpy_helper.from_array(scale, names[1]),
                               numpy_helper.from_array(np.zeros_like(q[0]), names[2])]
+                    done[weight.name] = (names, "DynamicQuantizeMatMul", {})
                 else:
                     q, scale = _int8_blocks(w, block_size)
                     names = [f"{weight.name}_int8_blocks", f"{weight.name}_block_scales"]
                     added += [_append_external(q, names[0], data, data_name), numpy_helper.from_array(scale, names[1])]
-                done[weight.name] = names
-            if method == "dynamic":
-                nodes.append(helper.make_node("DynamicQuantizeMatMul", [node.input[0], *done[weight.name]],
-                                              list(node.output), name=node.name + "_int8", domain="com.microsoft"))
-            else:
-                nodes.append(helper.make_node("MatMulNBits", [node.input[0], *done[weight.name]], list(node.output),
-                                              name=node.name + "_int8", domain="com.microsoft", K=k, N=n, bits=8,
-                                              block_size=block_size, accuracy_level=4))
+                    done[weight.name] = (names, "MatMulNBits", dict(K=w.shape[0], N=w.shape[1], bits=8,
+                                                                    block_size=block_size, accuracy_level=4))
+            names, op_type, attributes = done[weight.name]
+            nodes.append(helper.make_node(op_type, [node.input[0], *names], list(node.output), name=node.name + "_int8",
+                                          domain="com.microsoft", **attributes))
     used = {x for n in nodes for x in n.input} | {x for n in nodes for a in n.attribute if a.g for x in _subgraph_inputs(a.g)}
     _replace(g.node, nodes)
     _replace(g.initializer, [i for i in g.initializer if i.name in used] + added)

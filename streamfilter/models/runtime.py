@@ -152,12 +152,12 @@ def _provider_options(provider: str) -> dict[str, str]:
 def choose_variant(manifest: Manifest, variant: str | None, on_gpu: bool) -> str:
     if variant is None:
         # GPU: fp32 until the fp16 variant is validated on the GPU in use (bench/gpu measures
-        # it against fp32); CPU: int8 (several times faster, rank-equivalent in our measurements),
-        # except decoder-only Ask-LLM: its int8 cost 0.047 ROC AUC real-vs-junk on Qwen2.5-1.5B
-        # (bench/RESULTS.md, "Real-model Ask-LLM check"), a loss to opt into, not a default.
-        lossy_int8 = manifest.kind == "askllm" and manifest.backend == "causal"
-        preference = ("fp32",) if on_gpu or lossy_int8 else ("int8", "fp32")
-        variant = next((v for v in preference if v in manifest.variants), None)
+        # it against fp32); CPU: int8 (several times faster, rank-equivalent in our measurements)
+        # unless its exporter marked it `"auto": false` (a measured loss to opt into: decoder-only
+        # Ask-LLM, whose int8 cost 0.047 ROC AUC on Qwen2.5-1.5B, bench/RESULTS.md).
+        preference = ("fp32",) if on_gpu else ("int8", "fp32")
+        candidates = [v for v, spec in manifest.variants.items() if spec.get("auto", True)]
+        variant = next((v for v in preference if v in candidates), None)
         if variant is None:
             variant = next(iter(manifest.variants))
     if variant not in manifest.variants:

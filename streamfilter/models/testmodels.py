@@ -215,7 +215,7 @@ def _lock(path: Path):
 
 # --- a decoder-only chat model (issue 7: causal Ask-LLM and perplexity) ----------------------
 
-CAUSAL_TEST_MODELS_VERSION = 2  # 2: int8 keeps down projections fp32
+CAUSAL_TEST_MODELS_VERSION = 3  # 2: int8 keeps down projections fp32; 3: Ask-LLM int8 not auto
 CAUSAL_STAMP = "causal-test-models.json"
 TINY_QWEN2 = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=False)
