@@ -40,6 +40,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _not_cancelled_refresh(record: logging.LogRecord) -> bool:
+    """kafka-python logs "Metadata refresh: failed Cancelled" at ERROR when a client is closed
+    while a refresh is in flight: a normal shutdown, not an error (it broke one-line error exits)."""
+    from kafka.errors import Cancelled
+
+    return not (record.msg.startswith("Metadata refresh: failed") and record.args
+                and isinstance(record.args[0], Cancelled))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -48,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.log_level != "DEBUG":
         logging.getLogger("kafka").setLevel(logging.WARNING)  # kafka-python logs every connection at INFO
+    logging.getLogger("kafka.cluster").addFilter(_not_cancelled_refresh)
     try:
         return int(args.handler(args) or 0)
     except UserError as exc:
