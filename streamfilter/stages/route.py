@@ -1,0 +1,160 @@
+"""Pass 2 (route): scored records → accepted / rejected, deciding with the newest snapshot."""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+
+import numpy as np
+
+from streamfilter import metrics
+from streamfilter.config import Config, build_policy
+from streamfilter.errors import InvalidDocument
+from streamfilter.kafka_loop import Output, Outputs
+from streamfilter.records import ScoredRecord, decode_scored, encode_document
+from streamfilter.stages.dlq import add_dlq_output
+
+log = logging.getLogger("streamfilter.stages")
+
+
+class RouteTransform:
+    """Pass 2: scored records → accepted / rejected, deciding with the newest snapshot.
+
+    With `fixed=True` (replay), every decision uses `snapshot` (None only for `random`) and
+    the store is never consulted; `stage` names the metrics' and DLQ headers' stage.
+    """
+
+    stage = "route"
+
+    def __init__(self, config: Config, stopping: threading.Event | None = None, *, fixed: bool = False,
+                 snapshot=None, stage: str | None = None):
+        from streamfilter.density.snapshot import SnapshotStore
+
+        self.config = config
+        self.policy = build_policy(config)
+        self.store = SnapshotStore(config.sketch.snapshot_dir, keep=config.sketch.keep_snapshots)
+        self.prepared = None
+        self.fixed_snapshot = fixed
+        if fixed:
+            self.prepared = self.policy.prepare(snapshot)  # PolicyNotReady propagates: the caller checks first
+        if stage is not None:
+            self.stage = stage
+        self.stopping = stopping or threading.Event()
+        self._checked_at = 0.0
+        metrics.ACCEPT_RATE_TARGET.labels(self.policy.name).set(self.policy.keep_rate)
+
+    @property
+    def needs_snapshot(self) -> bool:
+        return self.policy.name != "random"
+
+    def wait_for_snapshot(self) -> None:
+        """Block until a snapshot covering at least `route.min_snapshot_docs` documents exists."""
+        if self.fixed_snapshot:
+            return
+        if not self.needs_snapshot:
+            self.prepared = self.policy.prepare(self._latest())
+            return
+        waited_since = time.monotonic()
+        while not self.stopping.is_set():
+            if self._refresh():
+                return
+            if time.monotonic() - waited_since > 30:
+                log.info("route: waiting for a snapshot with >= %d documents in %s",
+                         self.config.route.min_snapshot_docs, self.config.sketch.snapshot_dir)
+                waited_since = time.monotonic()
+            self.stopping.wait(min(1.0, self.config.route.snapshot_poll_s))
+
+    def _latest(self):
+        before = self.store.corrupt_skipped
+        snapshot = self.store.latest()
+        if self.store.corrupt_skipped > before:
+            metrics.SNAPSHOTS_CORRUPT.inc(self.store.corrupt_skipped - before)
+        return snapshot
+
+    def _refresh(self) -> bool:
+        """Adopt a newer snapshot if there is one; True when a prepared policy is in place."""
+        from streamfilter.density.policy import PolicyNotReady
+
+        self._checked_at = time.monotonic()
+        snapshot = self._latest()
+        if snapshot is None or snapshot.doc_count < self.config.route.min_snapshot_docs:
+            return self.prepared is not None
+        if self.prepared is not None and self.prepared.snapshot_id == snapshot.snapshot_id:
+            return True
+        try:
+            self.prepared = self.policy.prepare(snapshot)
+        except PolicyNotReady as exc:
+            log.info("route: snapshot %s not usable yet: %s", snapshot.snapshot_id, exc)
+            return self.prepared is not None
+        metrics.SNAPSHOT_TIMESTAMP.labels(self.stage).set(snapshot.created_at)
+        log.info("route: deciding with snapshot %s (%d documents)", snapshot.snapshot_id, snapshot.doc_count)
+        return True
+
+    def __call__(self, records: list) -> list[Output]:
+        if (self.needs_snapshot and not self.fixed_snapshot
+                and time.monotonic() - self._checked_at >= self.config.route.snapshot_poll_s):
+            self._refresh()
+        outputs = Outputs()
+        scored: list[tuple[object, ScoredRecord]] = []
+        for record in records:
+            try:
+                scored.append((record, decode_scored(record.value)))
+            except InvalidDocument as exc:
+                add_dlq_output(outputs, self.config, self.stage, exc, record)
+        if scored:
+            self.decide(scored, outputs)
+        return outputs
+
+    def decisions(self, scored: list[ScoredRecord]) -> list:
+        """The policy's `Decision` for each scored record (pure: no outputs, no metrics)."""
+        return decide_scored(self.prepared, scored)
+
+    def decide(self, scored: list[tuple[object, ScoredRecord]], outputs: Outputs) -> None:
+        """Append the accepted (and rejected) records to `outputs`; decisions are counted on commit."""
+        decisions = self.decisions([s for _, s in scored])
+        topics = self.config.topics
+        kept = 0
+        for (_, s), decision in zip(scored, decisions):
+            kept += decision.keep
+            outputs.observe(metrics.KEEP_PROBABILITY.labels(decision.policy), decision.probability)
+            if not math.isnan(decision.density):
+                outputs.observe(metrics.DENSITY_SCORE, decision.density)
+            topic = topics.accepted if decision.keep else topics.rejected
+            if topic:
+                outputs.append(Output(topic, encode_document(s.document), key=s.document.id.encode(),
+                                      headers=decision_headers(decision, s)))
+        name = self.policy.name
+        outputs.count(metrics.DECISIONS, (name, "accepted"), kept)
+        outputs.count(metrics.DECISIONS, (name, "rejected"), len(scored) - kept)
+        outputs.count(metrics.DOCUMENTS, (self.stage, "accepted"), kept)
+        outputs.count(metrics.DOCUMENTS, (self.stage, "rejected"), len(scored) - kept)
+
+
+def decide_scored(prepared, scored: list[ScoredRecord]) -> list:
+    """Decide a batch of scored records with a `PreparedPolicy` (the live route and replay share this)."""
+    if not scored:
+        return []
+    ids = [s.document.id for s in scored]
+    askllm = np.fromiter((s.askllm for s in scored), dtype=np.float64, count=len(scored))
+    embeddings = np.stack([s.embedding for s in scored]).astype(np.float32) if prepared.sketch is not None else None
+    perplexity = None
+    if getattr(prepared, "perplexity_threshold", None) is not None:
+        perplexity = np.array([np.nan if s.perplexity is None else s.perplexity for s in scored], dtype=np.float64)
+    return prepared.decide(ids, askllm, embeddings, perplexity)
+
+
+def decision_headers(decision, scored: ScoredRecord) -> list[tuple[str, bytes]]:
+    topic, partition, offset = scored.source
+    return [
+        ("sf-decision", b"accept" if decision.keep else b"reject"),
+        ("sf-policy", decision.policy.encode()),
+        ("sf-snapshot", decision.snapshot_id.encode()),
+        ("sf-askllm", repr(decision.askllm).encode()),
+        ("sf-density", repr(decision.density).encode()),
+        ("sf-probability", repr(decision.probability).encode()),
+        ("sf-askllm-model", scored.askllm_model.encode()),
+        ("sf-embedder-model", scored.embedder_model.encode()),
+        ("sf-source", f"{topic}/{partition}/{offset}".encode()),
+    ]

@@ -1,0 +1,107 @@
+"""Pass 1 (score): raw records → scored records (Ask-LLM P(yes) + float16 embedding) or DLQ entries."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+
+from streamfilter import metrics
+from streamfilter.config import Config
+from streamfilter.errors import InvalidDocument
+from streamfilter.kafka_loop import Output, Outputs
+from streamfilter.records import Document, ScoredRecord, decode_raw, encode_scored
+from streamfilter.stages.dlq import add_dlq_output
+
+log = logging.getLogger("streamfilter.stages")
+
+
+class ScoreTransform:
+    """Pass 1: raw records → scored records (Ask-LLM P(yes) + float16 embedding) or DLQ entries."""
+
+    stage = "score"
+
+    def __init__(self, config: Config, scorer=None, embedder=None, perplexity=None):
+        self.config = config
+        self.scorer = scorer  # AskLLMScorer-like: score(texts, batch_size) -> [n] P(yes); model_id
+        self.embedder = embedder  # SentenceEmbedder-like: embed(texts, batch_size) -> [n, dim]; model_id, dim
+        self.perplexity = perplexity  # optional PerplexityScorer-like: score(texts, batch_size) -> [n] mean NLL
+
+    def load(self) -> None:
+        """Load the configured models (unless models were given to the constructor)."""
+        if self.scorer is not None and self.embedder is not None:
+            return
+        from streamfilter.models import AskLLMScorer, SentenceEmbedder
+
+        m = self.config.models
+        variant = None if m.variant == "auto" else m.variant
+        threads = m.intra_op_threads or None
+        self.scorer = AskLLMScorer.load(m.askllm, max_tokens=m.max_tokens, variant=variant, intra_op_threads=threads)
+        self.embedder = SentenceEmbedder.load(m.embedder, dtype="float16", variant=variant, intra_op_threads=threads)
+        if m.perplexity and self.perplexity is None:
+            from streamfilter.models.perplexity import PerplexityScorer
+
+            self.perplexity = PerplexityScorer.load(m.perplexity, max_tokens=m.max_tokens, variant=variant,
+                                                    intra_op_threads=threads)
+        log.info("score: Ask-LLM %s, embedder %s (dim %d)%s", self.scorer.model_id, self.embedder.model_id,
+                 self.embedder.dim, f", perplexity {self.perplexity.model_id}" if self.perplexity else "")
+
+    def __call__(self, records: list) -> Outputs:
+        outputs = Outputs()
+        good: list[tuple[object, Document]] = []
+        max_bytes = self.config.records.max_doc_bytes
+        for record in records:
+            try:
+                good.append((record, decode_raw(record.value, max_bytes)))
+            except InvalidDocument as exc:
+                add_dlq_output(outputs, self.config, self.stage, exc, record)
+        if good:
+            good, scores, embeddings = self._infer(good, outputs)
+            nlls = self._perplexity([doc.text for _, doc in good])
+            for (record, doc), score, embedding, nll in zip(good, scores.tolist(), embeddings, nlls):
+                outputs.observe(metrics.ASKLLM_SCORE, score)
+                scored = ScoredRecord(doc, score, embedding, self.scorer.model_id, self.embedder.model_id,
+                                      (record.topic, record.partition, record.offset), perplexity=nll,
+                                      perplexity_model=self.perplexity.model_id if self.perplexity else None)
+                outputs.append(Output(self.config.topics.scored, encode_scored(scored), key=doc.id.encode()))
+            outputs.count(metrics.DOCUMENTS, (self.stage, "scored"), len(good))
+        return outputs
+
+    def _perplexity(self, texts: list[str]) -> list[float | None]:
+        """Mean NLL per document when a perplexity model is configured, else None per document."""
+        if self.perplexity is None:
+            return [None] * len(texts)
+        t0 = time.perf_counter()
+        nll = self.perplexity.score(texts, batch_size=self.config.models.inference_batch_docs)
+        metrics.INFERENCE_SECONDS.labels("perplexity").observe(time.perf_counter() - t0)
+        return nll.tolist()
+
+    def _infer(self, good, outputs: Outputs):
+        """Score a batch; a document the models refuse goes to the DLQ (in `outputs`) alone, the rest are kept."""
+        texts = [doc.text for _, doc in good]
+        batch = self.config.models.inference_batch_docs
+        try:
+            t0 = time.perf_counter()
+            scores = self.scorer.score(texts, batch_size=batch)
+            metrics.INFERENCE_SECONDS.labels("askllm").observe(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            embeddings = self.embedder.embed(texts, batch_size=batch)
+            metrics.INFERENCE_SECONDS.labels("embedder").observe(time.perf_counter() - t0)
+            return good, scores, embeddings
+        except InvalidDocument:
+            pass
+        kept, scores, embeddings = [], [], []
+        for record, doc in good:  # isolate the culprit(s)
+            try:
+                score = self.scorer.score([doc.text])
+                embedding = self.embedder.embed([doc.text])
+            except InvalidDocument as exc:
+                add_dlq_output(outputs, self.config, self.stage, exc, record)
+                continue
+            kept.append((record, doc))
+            scores.append(score[0])
+            embeddings.append(embedding[0])
+        dim = self.embedder.dim
+        return (kept, np.asarray(scores, dtype=np.float32),
+                np.stack(embeddings) if embeddings else np.zeros((0, dim), np.float16))

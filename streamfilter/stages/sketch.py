@@ -1,0 +1,225 @@
+"""The sketch aggregator: `crawl.scored` → `SketchState` → snapshots that carry the offsets they cover."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from streamfilter import metrics
+from streamfilter.config import Config, build_policy
+from streamfilter.errors import InvalidDocument
+from streamfilter.kafka_loop import _Backoff, _sleep_or_stop, broker_connected, new_consumer
+from streamfilter.records import decode_scored
+
+log = logging.getLogger("streamfilter.stages")
+
+
+class SketchAggregator:
+    """Consumes `crawl.scored` into a `SketchState`; snapshots carry the offsets they cover.
+
+    Exactly-once counting does not need Kafka transactions here: the snapshot is the
+    checkpoint. On start the newest valid snapshot is loaded and the consumer seeks to its
+    offsets; documents counted after it are counted again from there after a crash, and
+    never twice. Offsets are also committed to the group after each snapshot, for lag only.
+    """
+
+    stage = "sketch"
+
+    def __init__(self, config: Config):
+        from streamfilter.density.snapshot import SnapshotStore
+
+        self.config = config
+        self.store = SnapshotStore(config.sketch.snapshot_dir, keep=config.sketch.keep_snapshots)
+        self.policy = build_policy(config)
+        self.state = None
+        self.consumer = None
+        self._dirty = False
+        self._records_at = time.monotonic()  # last poll that returned records (stall detection)
+        self._stopping = threading.Event()
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="sketch")
+        metrics.READINESS.register(self.stage)
+
+    def restore(self) -> None:
+        from streamfilter.density.state import SketchState
+
+        before = self.store.corrupt_skipped
+        snapshot = self.store.latest()
+        if self.store.corrupt_skipped > before:
+            metrics.SNAPSHOTS_CORRUPT.inc(self.store.corrupt_skipped - before)
+        if snapshot is not None:
+            self.state = SketchState.restore(snapshot, policies=[self.policy])
+            metrics.SNAPSHOT_TIMESTAMP.labels(self.stage).set(snapshot.created_at)
+            metrics.SKETCH_DOCUMENTS.set(self.state.doc_count)
+            log.info("sketch: restored snapshot %s (%d documents)", snapshot.snapshot_id, snapshot.doc_count)
+
+    def _new_state(self, dim: int):
+        from streamfilter.density import race, reservoir
+        from streamfilter.density.state import SketchState
+
+        s = self.config.sketch
+        return SketchState.create(
+            dim, rows=s.rows, buckets=s.buckets, k=s.k or race.DEFAULT_K, width=s.width or race.DEFAULT_WIDTH,
+            seed=s.hash_seed, policy_seed=self.config.policy.seed,
+            reservoir_size=s.reservoir_size or reservoir.DEFAULT_RESERVOIR_SIZE, policies=[self.policy])
+
+    async def run(self, stop: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        watcher = asyncio.ensure_future(self._watch(stop))
+        try:
+            await loop.run_in_executor(self._thread, self.restore)
+            backoff = _Backoff(self.config.daemon.retry_backoff_max_s)
+            while not stop.is_set():
+                try:
+                    await loop.run_in_executor(self._thread, self._connect)
+                    break
+                except Exception as exc:  # noqa: BLE001 - broker not reachable yet
+                    metrics.BROKER_UP.labels(self.stage).set(0)
+                    log.warning("sketch: cannot reach Kafka (%s); retrying", exc)
+                    await _sleep_or_stop(backoff.next(), stop)
+            metrics.READINESS.set(self.stage, True)
+            last_snapshot = time.monotonic()
+            while not stop.is_set():
+                try:
+                    await loop.run_in_executor(self._thread, self._poll_and_count)
+                    if self._dirty and time.monotonic() - last_snapshot >= self.config.sketch.snapshot_interval_s:
+                        await loop.run_in_executor(self._thread, self.write_snapshot)
+                        last_snapshot = time.monotonic()
+                    backoff.reset()
+                except Exception:  # noqa: BLE001 - keep counting: reconnect and seek to the covered offsets
+                    log.exception("sketch: consuming failed; reconnecting")
+                    metrics.RETRIES.labels(self.stage).inc()
+                    await _sleep_or_stop(backoff.next(), stop)
+                    try:
+                        await loop.run_in_executor(self._thread, self._reconnect)
+                    except Exception as exc:  # noqa: BLE001
+                        log.warning("sketch: reconnecting failed (%s); will retry", exc)
+            if self._dirty:
+                await loop.run_in_executor(self._thread, self.write_snapshot)
+        finally:
+            watcher.cancel()
+            metrics.READINESS.set(self.stage, False)
+            if self.consumer is not None:
+                await loop.run_in_executor(self._thread, self.consumer.close)
+            self._thread.shutdown(wait=False)
+
+    async def _watch(self, stop: asyncio.Event) -> None:
+        await stop.wait()
+        self._stopping.set()
+
+    def _connect(self) -> None:
+        from kafka.structs import TopicPartition
+
+        consumer = new_consumer(self.config, self.config.group(self.stage))
+        topic = self.config.topics.scored
+        partitions = consumer.partitions_for_topic(topic)
+        if not partitions:
+            consumer.close()
+            raise RuntimeError(f"topic {topic} has no partitions yet")
+        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        consumer.assign(tps)
+        offsets = self.state.offsets if self.state is not None else {}
+        for tp in tps:
+            if (tp.topic, tp.partition) in offsets:
+                consumer.seek(tp, offsets[(tp.topic, tp.partition)])
+            else:
+                consumer.seek_to_beginning(tp)
+        self.consumer = consumer
+        metrics.BROKER_UP.labels(self.stage).set(1)
+
+    def _check_stalled(self) -> None:
+        """As `TransactionalLoop._check_stalled`: readable records ahead but none returned for a
+        while (a kafka-python consumer seen stuck under load) → reconnect at the covered offsets."""
+        from streamfilter.kafka_loop import STALL_CHECK_S, stuck_partitions
+
+        if time.monotonic() - self._records_at < STALL_CHECK_S:
+            return
+        self._records_at = time.monotonic()
+        if stuck_partitions(self.consumer, self.stage):
+            metrics.RETRIES.labels(self.stage).inc()
+            self._reconnect()
+
+    def _reconnect(self) -> None:
+        if self.consumer is not None:
+            try:
+                self.consumer.close()
+            except Exception:  # noqa: BLE001 - the old consumer is discarded either way
+                pass
+            self.consumer = None
+        self._connect()
+
+    def _poll_and_count(self) -> None:
+        polled = self.consumer.poll(timeout_ms=min(self.config.batch.max_wait_ms, 500) or 100,
+                                    max_records=self.config.batch.max_batch_docs)
+        metrics.BROKER_UP.labels(self.stage).set(1 if broker_connected(self.consumer) else 0)
+        records = [r for part in polled.values() for r in part]
+        if not records:
+            self._observe_lag()  # so that lag falls to 0 once caught up
+            self._check_stalled()
+            return
+        self._records_at = time.monotonic()
+        metrics.INPUT_DOCUMENTS.labels(self.stage).inc(len(records))
+        ids, embeddings, askllm, coords, nll = [], [], [], [], []
+        for record in records:
+            try:
+                scored = decode_scored(record.value)
+            except InvalidDocument as exc:
+                # The route stage sends these to the DLQ; the sketch only moves past them.
+                log.warning("sketch: skipping %s/%d/%d: %s", record.topic, record.partition, record.offset, exc)
+                metrics.DOCUMENTS.labels(self.stage, "skipped").inc()
+                continue
+            ids.append(scored.document.id)
+            embeddings.append(scored.embedding)
+            askllm.append(scored.askllm)
+            nll.append(np.nan if scored.perplexity is None else scored.perplexity)
+            coords.append((record.topic, record.partition, record.offset))
+        if ids:
+            emb = np.stack(embeddings).astype(np.float32)
+            if self.state is None:
+                self.state = self._new_state(emb.shape[1])
+            added = self.state.on_batch(ids, emb, np.asarray(askllm), coords, perplexity=np.asarray(nll, dtype=np.float64))
+            metrics.DOCUMENTS.labels(self.stage, "counted").inc(added)
+            metrics.SKETCH_DOCUMENTS.set(self.state.doc_count)
+            self._dirty = True
+        # Skipped records still advance the covered offsets, so a restart does not revisit them.
+        if self.state is not None:
+            for record in records:
+                key = (record.topic, record.partition)
+                self.state.offsets[key] = max(self.state.offsets.get(key, 0), record.offset + 1)
+        self._observe_lag()
+
+    def _observe_lag(self) -> None:
+        # The position, not the covered offsets: only the position moves past transaction markers,
+        # so lag from covered offsets never fell below 1 on a transactional topic.
+        for tp in self.consumer.assignment():
+            high = self.consumer.highwater(tp)
+            if high is not None:
+                try:
+                    position = self.consumer.position(tp, timeout_ms=100)
+                except Exception:  # noqa: BLE001 - lag is best effort; a miss is not an error
+                    continue
+                if position is not None:
+                    metrics.CONSUMER_LAG.labels(self.stage, tp.topic, str(tp.partition)).set(max(0, high - position))
+
+    def write_snapshot(self) -> None:
+        if self.state is None:
+            return
+        snapshot = self.state.snapshot()
+        path = self.store.write(snapshot)
+        self._dirty = False
+        metrics.SNAPSHOTS_WRITTEN.inc()
+        metrics.SNAPSHOT_TIMESTAMP.labels(self.stage).set(snapshot.created_at)
+        log.info("sketch: wrote snapshot %s (%d documents) to %s", snapshot.snapshot_id, snapshot.doc_count, path)
+        self._commit_for_lag(snapshot.offsets)
+
+    def _commit_for_lag(self, offsets: dict) -> None:
+        from kafka.structs import OffsetAndMetadata, TopicPartition
+
+        try:
+            self.consumer.commit({TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()})
+        except Exception as exc:  # noqa: BLE001 - informational only: the snapshot is the checkpoint
+            log.debug("sketch: committing offsets for lag monitoring failed: %s", exc)
