@@ -80,7 +80,9 @@ class BatchConfig:
 
 @dataclass
 class RecordsConfig:
-    max_doc_bytes: int = 1_048_576  # larger raw values go to the DLQ as too_large
+    # Larger raw values go to the DLQ as too_large. 1 MB: with its headroom a record fits the broker's
+    # default max.message.bytes (1048588), which start-up checks (kafka_clients.check_topic_limits).
+    max_doc_bytes: int = 1_000_000
 
 
 @dataclass
@@ -116,7 +118,12 @@ class DaemonConfig:
     metrics_port: int = 9308  # 0 = no HTTP server
     metrics_host: str = "127.0.0.1"
     shutdown_timeout_s: float = 30.0
-    retry_backoff_max_s: float = 30.0
+    # Backoff between retries of a failing broker; kept short so progress resumes within seconds
+    # of the broker's return.
+    retry_backoff_max_s: float = 5.0
+    # Fault injection for chaos tests: the probability that a transactional stage SIGKILLs its own
+    # process between send_offsets_to_transaction and commit_transaction (0 = never).
+    crash_before_commit: float = 0.0
 
 
 @dataclass
@@ -257,6 +264,8 @@ def validate(config: Config) -> None:
     check(0 < config.policy.quality_keep <= 1, "policy.quality_keep", "must be in (0, 1]")
     check(config.route.min_snapshot_docs >= 1, "route.min_snapshot_docs", "must be >= 1")
     check(config.daemon.shutdown_timeout_s > 0, "daemon.shutdown_timeout_s", "must be > 0")
+    check(config.daemon.retry_backoff_max_s > 0, "daemon.retry_backoff_max_s", "must be > 0")
+    check(0 <= config.daemon.crash_before_commit <= 1, "daemon.crash_before_commit", "must be in [0, 1]")
     check(0 <= config.daemon.metrics_port < 65536, "daemon.metrics_port", "must be a port number (0 = off)")
     build_policy(config)  # an unknown policy name fails here, naming policy.name
 

@@ -65,37 +65,48 @@ def _run_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def ensure_topics(config: Config, names: list[str]) -> None:
-    """Create the topics that do not exist yet (partitions from topics.partitions).
+def ensure_topics(config: Config, names: list[str], settings: dict[str, str] | None = None) -> None:
+    """Create the topics that do not exist yet (partitions from topics.partitions), then check that
+    each one the daemon writes to holds its largest records (`kafka_clients.check_topic_limits`).
 
     Waits, retrying with backoff, while no broker answers: a daemon may start before Kafka.
+    `settings` maps each topic to the setting that names it, for the error message (default: the
+    `topics.*` keys).
     """
     import time
 
     from kafka.admin import KafkaAdminClient, NewTopic
     from kafka.errors import KafkaError, TopicAlreadyExistsError
 
-    delay = 0.5
+    from streamfilter.kafka_clients import Backoff, SizeLimits, check_topic_limits
+
+    backoff = Backoff(config.daemon.retry_backoff_max_s, first_s=0.5)
     while True:
         try:
             admin = KafkaAdminClient(**config.kafka_client_settings())
             break
         except KafkaError as exc:
-            log.warning("no Kafka broker answers at %s (kafka.bootstrap_servers): %s; retrying in %.0fs",
+            delay = backoff.next()
+            log.warning("no Kafka broker answers at %s (kafka.bootstrap_servers): %s; retrying in %.1fs",
                         config.kafka.bootstrap_servers, exc, delay)
             time.sleep(delay)
-            delay = min(delay * 2, config.daemon.retry_backoff_max_s)
+    if settings is None:
+        t = config.topics
+        settings = {t.scored: "topics.scored", t.accepted: "topics.accepted", t.rejected: "topics.rejected",
+                    t.dlq: "topics.dlq"}
     try:
         existing = set(admin.list_topics())
         missing = [n for n in dict.fromkeys(names) if n and n not in existing]
         if missing:
+            message_bytes = max(TOPIC_MAX_MESSAGE_BYTES, SizeLimits.of(config).topic_message_bytes)
             topics = [NewTopic(n, num_partitions=config.topics.partitions, replication_factor=1,
-                               topic_configs={"max.message.bytes": str(TOPIC_MAX_MESSAGE_BYTES)}) for n in missing]
+                               topic_configs={"max.message.bytes": str(message_bytes)}) for n in missing]
             try:
                 admin.create_topics(topics)
             except TopicAlreadyExistsError:
                 pass
             log.info("created topics %s", ", ".join(missing))
+        check_topic_limits(config, admin, {settings[n]: n for n in dict.fromkeys(names) if n and n in settings})
     finally:
         admin.close()
 
@@ -152,12 +163,63 @@ async def run_async(config: Config, stages, stop: asyncio.Event, stopping: threa
         raise task.exception()
 
 
+async def _ensure_topics_or_stop(config: Config, stages, stop: asyncio.Event) -> bool:
+    """`ensure_topics` on a thread of its own while /live and /metrics answer and /ready says why
+    the stages wait; False when `stop` is set first (the thread is a daemon: it dies with the process)."""
+    from streamfilter import metrics
+
+    reason = f"waiting for Kafka at {config.kafka.bootstrap_servers}"
+    for stage in stages:
+        metrics.READINESS.register(stage)
+        metrics.READINESS.set(stage, False, reason)
+        metrics.BROKER_UP.labels(stage).set(0)
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+
+    def settle(exc: BaseException | None) -> None:
+        if done.done():
+            return
+        if exc is not None:
+            done.set_exception(exc)
+        else:
+            done.set_result(None)
+
+    def work() -> None:
+        try:
+            ensure_topics(config, stage_topics(config, stages))
+            exc = None
+        except BaseException as e:  # noqa: BLE001 - handed to the event loop
+            exc = e
+        try:
+            loop.call_soon_threadsafe(settle, exc)
+        except RuntimeError:  # the loop is closed: the daemon stopped meanwhile
+            pass
+
+    threading.Thread(target=work, name="ensure-topics", daemon=True).start()
+    stop_waiter = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait([done, stop_waiter], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop_waiter.cancel()
+    if not done.done():
+        log.info("stopped while waiting for Kafka at %s", config.kafka.bootstrap_servers)
+        return False
+    done.result()
+    for stage in stages:
+        metrics.BROKER_UP.labels(stage).set(1)
+        metrics.READINESS.set(stage, False, "starting")
+    return True
+
+
 def run_stages(config: Config, stages, *, install_signals: bool = True, stop_event: threading.Event | None = None) -> None:
-    """Blocking entry point: serve HTTP, run the stages, stop on SIGTERM/SIGINT (or `stop_event`)."""
+    """Blocking entry point: serve HTTP, create the topics, run the stages, stop on SIGTERM/SIGINT (or `stop_event`).
+
+    The HTTP server starts first, so /live and /metrics answer while no broker does; /ready
+    says why each stage is not ready.
+    """
     from streamfilter.metrics import serve_http
 
     log.info("starting %s against %s", "+".join(stages), config.kafka.bootstrap_servers)
-    ensure_topics(config, stage_topics(config, stages))
     server = None
     if config.daemon.metrics_port:
         try:
@@ -181,7 +243,8 @@ def run_stages(config: Config, stages, *, install_signals: bool = True, stop_eve
 
         watcher = asyncio.ensure_future(watch_external())
         try:
-            await run_async(config, stages, stop, stopping)
+            if await _ensure_topics_or_stop(config, stages, stop):
+                await run_async(config, stages, stop, stopping)
         finally:
             watcher.cancel()
 

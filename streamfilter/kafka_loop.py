@@ -1,7 +1,8 @@
 """Consume → transform → produce, exactly once, one Kafka transaction per micro-batch.
 
-This module owns the order of a checkpoint; nothing else in the package commits offsets
-for the transactional stages (score, route, replay). For each micro-batch:
+This module owns the order of a checkpoint and the failure model of the transactional stages
+(score, route, replay); nothing else in the package commits their offsets. The clients, their
+timeouts, size limits and health probes are `kafka_clients`'. For each micro-batch:
 
   1. poll    records until `max_batch_docs` or `max_wait_ms` (consumer thread, read_committed);
              the batch is stamped with the group generation and the group metadata it was read under
@@ -10,14 +11,30 @@ for the transactional stages (score, route, replay). For each micro-batch:
   4. send_offsets_to_transaction(next offset per partition, the batch's group metadata)
   5. commit_transaction (flushes the sends; the broker marks outputs and offsets committed together)
 
-On any error in 3–5: abort_transaction (or, when the producer is fenced or broken, a new
-producer whose init_transactions aborts what the old one left open), drop every batch
-still in flight, rewind the consumer to the committed offsets and retry after a backoff.
-On a rebalance (revoke) the generation changes: in-flight batches of the old generation
-are dropped unproduced, never committed twice; the broker also fences a stale generation's
-offset commit (KIP-447), so a batch that slipped through aborts instead of duplicating.
-A kill -9 anywhere leaves an open transaction that the restarted process (same
-transactional id) aborts in init_transactions, or that the broker times out.
+Failure model:
+
+- **One record, never the batch.** A transform that raises is retried on the two halves of
+  the batch, recursively, until the record that raises is alone; that record goes to the DLQ
+  (`quarantined`, reason `model_error`, `unencodable`, `output_too_large`, ... or `stage_error`)
+  and the rest of the batch goes on in the same transaction. Outputs are checked against the
+  producer's limits before anything is sent. A transaction the producer or broker refuses for
+  what it carries (a record too large, an invalid record) is split the same way, committing each
+  half on its own. If every record of a batch of `SYSTEMIC_MIN_DOCS` or more fails alone, the
+  stage itself is broken (not its input): nothing is quarantined and the batch is retried.
+- **The broker's failures are retried**, with backoff and jitter, for as long as it takes. Any
+  error in 3–5 aborts the transaction and **replaces the producer**: the new producer's
+  init_transactions starts clean and waits until the broker has finished the old transaction,
+  because kafka-python keeps the offsets of a failed TxnOffsetCommit after an abort and would
+  send them with the next transaction (a lost batch, or a partition moved backwards). Every batch
+  still in flight is dropped, the consumer rewinds to the committed offsets (fetched as stable
+  offsets) and reads again.
+- **Rebalances**: on revoke the generation changes; in-flight batches of the old generation are
+  dropped unproduced, never committed twice; the broker also fences a stale generation's offset
+  commit (KIP-447), so a batch that slipped through aborts instead of duplicating.
+- **Kill -9 anywhere** leaves an open transaction that the restarted process (same
+  transactional id) aborts in init_transactions, or that the broker times out.
+- **Stalls**: a consumer that stops fetching while records are readable is recreated
+  (`kafka_clients.ConsumerWatch`), which counts as a rebalance.
 
 A bounded run (replay) passes `RangeBounds`: the consumer is assigned the range's partitions
 instead of joining a group, starts at the group's committed offsets (or the range's start
@@ -31,6 +48,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import random
+import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -40,8 +60,16 @@ from typing import Any
 
 from streamfilter import metrics
 from streamfilter.config import Config
+from streamfilter.errors import InvalidDocument
+from streamfilter.kafka_clients import (
+    Backoff, ConsumerWatch, SizeLimits, StageHealth, end_transaction, forget_lag, is_record_failure, new_consumer,
+    new_transactional_producer, pending_offsets, record_size, send_offsets,
+)
+from streamfilter.records import dlq_headers, dlq_value
 
 log = logging.getLogger(__name__)
+
+SYSTEMIC_MIN_DOCS = 4  # a batch at least this large whose every record fails alone: the stage is broken
 
 
 @dataclass(frozen=True)
@@ -72,6 +100,25 @@ class Outputs(list):
     def observe(self, histogram, value: float) -> None:
         self.observations.append((histogram, value))
 
+    def add_dlq(self, topic: str, stage: str, exc: InvalidDocument, record, cap_bytes: int,
+                error: str | None = None) -> None:
+        """The DLQ entry for input `record`: its original bytes (at most `cap_bytes`, else a prefix with
+        the original's size and sha256 in headers) and the reason headers; counted on commit."""
+        value, extra = dlq_value(record.value, cap_bytes)
+        headers = dlq_headers(exc, stage, record.topic, record.partition, record.offset)
+        if error is not None:
+            headers = [(k, error.encode()) if k == "sf-dlq-error" else (k, v) for k, v in headers]
+        self.count(metrics.DLQ, (stage, exc.reason))
+        self.count(metrics.DOCUMENTS, (stage, "dlq"))
+        self.append(Output(topic, value, key=record.key, headers=headers + extra))
+
+    def merge(self, other: "Outputs") -> "Outputs":
+        self.extend(other)
+        for key, n in other.tally.items():
+            self.tally[key] = self.tally.get(key, 0) + n
+        self.observations.extend(other.observations)
+        return self
+
     def apply(self) -> None:
         for (counter, labels), n in self.tally.items():
             if n:
@@ -99,6 +146,13 @@ class Batch:
         meta = metadata or {}
         return {tp: OffsetAndMetadata(offset + 1, meta.get(tp, ""), -1) for tp, offset in last.items()}
 
+    def halves(self) -> tuple["Batch", "Batch"]:
+        """Two batches that together are this one. Each partition's records are in offset order in
+        `records`, so any prefix of it holds a prefix of every partition: each half commits alone."""
+        mid = len(self.records) // 2
+        return (Batch(self.records[:mid], self.generation, self.group_metadata, self.polled_at),
+                Batch(self.records[mid:], self.generation, self.group_metadata, self.polled_at))
+
 
 @dataclass(frozen=True)
 class RangeBounds:
@@ -114,75 +168,11 @@ class RangeBounds:
 
 
 Transform = Callable[[list], list[Output]]
-STALL_CHECK_S = 20.0  # polls returning nothing this long while records are readable: recreate the consumer
 OnCommit = Callable[[Batch, list[Output]], None]
 
 
-def kafka_settings(config: Config) -> dict[str, Any]:
-    return config.kafka_client_settings()
-
-
-def new_consumer(config: Config, group: str | None, **overrides):
-    from kafka import KafkaConsumer
-
-    settings = dict(
-        group_id=group,
-        isolation_level="read_committed",
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        max_poll_records=config.kafka.max_poll_records,
-        fetch_max_bytes=config.kafka.fetch_max_bytes,
-        max_partition_fetch_bytes=max(config.records.max_doc_bytes * 2, 1_048_576),
-        session_timeout_ms=config.kafka.session_timeout_ms,
-        heartbeat_interval_ms=config.kafka.heartbeat_interval_ms,
-        **kafka_settings(config),
-    )
-    settings.update(overrides)
-    return KafkaConsumer(**settings)
-
-
-def new_transactional_producer(config: Config, transactional_id: str):
-    from kafka import KafkaProducer
-
-    producer = KafkaProducer(
-        transactional_id=transactional_id,
-        enable_idempotence=True,
-        acks="all",
-        linger_ms=5,
-        max_request_size=max(config.records.max_doc_bytes * 3, 4 * 1_048_576),
-        transaction_timeout_ms=config.kafka.transaction_timeout_ms,
-        max_block_ms=max(10_000, config.kafka.transaction_timeout_ms),
-        **kafka_settings(config),
-    )
-    producer.init_transactions()
-    return producer
-
-
-def broker_connected(consumer) -> bool:
-    client = consumer._client  # kafka-python exposes no public connectivity check
-    return any(client.connected(b.node_id) for b in client.cluster.brokers())
-
-
-def stuck_partitions(consumer, stage: str) -> dict:
-    """{partition: (position, end)} of the unpaused assigned partitions with readable records ahead
-    of the consumer (a read_committed consumer's end offsets are the last stable offsets, so an
-    upstream transaction still open does not count); logged as a warning when there are any.
-    Empty when there are none or the broker could not be asked (the retry paths handle that)."""
-    assigned = consumer.assignment()
-    if not assigned:
-        return {}
-    try:
-        ends = consumer.end_offsets(list(assigned))
-        paused = consumer.paused()
-        behind = {tp: (consumer.position(tp, timeout_ms=1000), end) for tp, end in ends.items() if tp not in paused}
-    except Exception as exc:  # noqa: BLE001 - the broker may be away
-        log.debug("%s: stall check failed: %s", stage, exc)
-        return {}
-    stuck = {tp: (p, e) for tp, (p, e) in behind.items() if p is not None and e is not None and p < e}
-    if stuck:
-        log.warning("%s: no records for %.0fs although %s; recreating the consumer", stage, STALL_CHECK_S,
-                    ", ".join(f"{tp.topic}[{tp.partition}] is at {p} of {e}" for tp, (p, e) in sorted(stuck.items())))
-    return stuck
+class StageFailure(Exception):
+    """Every record of a batch failed on its own: the stage is broken, not its input."""
 
 
 class TransactionalLoop:
@@ -191,7 +181,7 @@ class TransactionalLoop:
     def __init__(self, stage: str, config: Config, input_topic: str, transform: Transform,
                  *, prepare: Callable[[], None] | None = None, group: str | None = None,
                  transactional_id: str | None = None, bounds: RangeBounds | None = None,
-                 on_commit: OnCommit | None = None):
+                 on_commit: OnCommit | None = None, dlq_topic: str | None = None):
         self.stage = stage
         self.config = config
         self.input_topic = input_topic
@@ -201,17 +191,21 @@ class TransactionalLoop:
         self.transactional_id = transactional_id or config.transactional_id(stage)
         self.bounds = bounds
         self.on_commit = on_commit  # called on the producer thread after each committed batch
+        self.dlq_topic = dlq_topic or config.topics.dlq  # where quarantined records go
+        self.limits = SizeLimits.of(config)
+        self.txn_timeout_ms = config.kafka.transaction_timeout_ms
         self.completed = False  # bounded runs: True once every partition's range is committed
         self.generation = 0
         self.rewind_needed = False
-        self._records_at = time.monotonic()  # last poll that returned records (stall detection)
+        self.health = StageHealth(stage)
+        self.watch = ConsumerWatch(self.health)
         self._stopping = threading.Event()
         self._consumer_thread = ThreadPoolExecutor(1, thread_name_prefix=f"{stage}-consumer")
         self._producer_thread = ThreadPoolExecutor(1, thread_name_prefix=f"{stage}-producer")
         self._work_thread = ThreadPoolExecutor(1, thread_name_prefix=f"{stage}-work")
         self.consumer = None
         self.producer = None
-        metrics.READINESS.register(stage)
+        self._last_failure = ""
 
     # -- the loop ------------------------------------------------------------------
 
@@ -220,6 +214,7 @@ class TransactionalLoop:
         watcher = asyncio.ensure_future(self._watch_stop(stop))
         try:
             if self.prepare is not None:
+                self.health.not_ready("preparing (loading models or waiting for a snapshot)")
                 await loop.run_in_executor(self._work_thread, self.prepare)
             await self._connect(stop)
             await self._process(stop, loop)
@@ -233,7 +228,7 @@ class TransactionalLoop:
 
     async def _process(self, stop: asyncio.Event, loop) -> None:
         in_flight: tuple[Batch, asyncio.Future] | None = None
-        backoff = _Backoff(self.config.daemon.retry_backoff_max_s)
+        backoff = Backoff(self.config.daemon.retry_backoff_max_s)
         while True:
             batch = None
             if not stop.is_set():
@@ -242,15 +237,19 @@ class TransactionalLoop:
             if in_flight is not None:
                 try:
                     outputs = await in_flight[1]
-                except Exception:  # noqa: BLE001 - a transform failure is retried like a Kafka failure
+                except StageFailure as exc:
+                    metrics.BATCH_RETRIES.labels(self.stage, "stage").inc()
+                    self.health.not_ready(f"failing: {exc}")
+                    log.error("%s: %s; the batch will be read again", self.stage, exc)
+                except Exception as exc:  # noqa: BLE001 - a bug in the isolation itself: retried like a Kafka failure
                     log.exception("%s: transforming a batch failed; it will be read again", self.stage)
-                    outputs = None
+                    self.health.not_ready(f"failing: {type(exc).__name__}: {exc}")
             # Start the next transform before committing this one: the model never waits on Kafka.
             next_flight = None
             if batch is not None and batch.records:
                 metrics.BATCH_DOCUMENTS.labels(self.stage).observe(len(batch.records))
                 metrics.INPUT_DOCUMENTS.labels(self.stage).inc(len(batch.records))
-                next_flight = (batch, loop.run_in_executor(self._work_thread, self.transform, batch.records))
+                next_flight = (batch, loop.run_in_executor(self._work_thread, self.transform_isolated, batch.records))
             if in_flight is not None:
                 done = outputs is not None and await loop.run_in_executor(
                     self._producer_thread, self._commit, in_flight[0], outputs)
@@ -276,9 +275,75 @@ class TransactionalLoop:
         return (batch is not None and batch.at_end and next_flight is None and not self.rewind_needed
                 and batch.generation == self.generation)
 
+    # -- work thread: the transform, one record at a time when it must ----------------------
+
+    def transform_isolated(self, records: list) -> Outputs:
+        """`transform(records)`, never failing for one record: see the module docstring."""
+        outputs, failed = self._isolate(records, top=True)
+        if failed and failed == len(records) and len(records) >= SYSTEMIC_MIN_DOCS:
+            raise StageFailure(f"every record of a batch of {len(records)} failed alone "
+                               f"(the last: {self._last_failure})")
+        return outputs
+
+    def _isolate(self, records: list, top: bool = False) -> tuple[Outputs, int]:
+        try:
+            outputs = self.transform(records)
+            if not isinstance(outputs, Outputs):
+                outputs = Outputs(outputs)
+            self._check_outputs(outputs)
+            return outputs, 0
+        except Exception as exc:  # noqa: BLE001 - isolate the record that raises; the rest goes on
+            self._last_failure = f"{type(exc).__name__}: {exc}"
+            if len(records) == 1:
+                return self._quarantine(records[0], exc), 1
+            if top:
+                metrics.BATCH_RETRIES.labels(self.stage, "split").inc()
+                log.warning("%s: a batch of %d records failed (%s: %s); splitting it to isolate the record",
+                            self.stage, len(records), type(exc).__name__, exc)
+        mid = len(records) // 2
+        left, n_left = self._isolate(records[:mid])
+        right, n_right = self._isolate(records[mid:])
+        return left.merge(right), n_left + n_right
+
+    def _check_outputs(self, outputs: Outputs) -> None:
+        """Raise for an output the producer would refuse, so that its record is isolated before any send."""
+        limit = self.limits.output_record_bytes
+        for out in outputs:
+            if not isinstance(out.value, bytes) or not (out.key is None or isinstance(out.key, bytes)):
+                raise InvalidDocument("unencodable", f"an output for {out.topic} is not bytes")
+            size = record_size(out.value, out.key, out.headers)
+            if size > limit:
+                raise InvalidDocument("output_too_large", f"a {size}-byte record for {out.topic} exceeds the "
+                                                          f"{limit}-byte limit (records.max_doc_bytes)")
+
+    def _quarantine(self, record, exc: Exception, cap_bytes: int | None = None) -> Outputs:
+        """The DLQ entry of a record that failed alone."""
+        if isinstance(exc, InvalidDocument):
+            reason, detail = exc.reason, exc.detail
+        else:
+            reason, detail = "stage_error", f"{type(exc).__name__}: {exc}"
+        cause = exc.__cause__ if isinstance(exc, InvalidDocument) and exc.__cause__ is not None else exc
+        log.warning("%s: quarantined %s/%d/%d to the DLQ (%s: %s)", self.stage, record.topic, record.partition,
+                    record.offset, reason, detail)
+        outputs = Outputs()
+        outputs.add_dlq(self.dlq_topic, self.stage, InvalidDocument(reason, detail), record,
+                        cap_bytes or self.limits.dlq_value_bytes, error=type(cause).__name__)
+        outputs.count(metrics.QUARANTINED, (self.stage, reason))
+        return outputs
+
     # -- consumer thread -------------------------------------------------------------
 
-    def _poll_batch(self) -> Batch | None:
+    def _poll_batch(self) -> Batch:
+        try:
+            return self._poll_records()
+        except Exception as exc:  # noqa: BLE001 - the broker is away (rewind, positions): retried
+            self.health.broker_failed(f"broker unreachable: {type(exc).__name__}: {exc}")
+            log.warning("%s: reading failed (%s: %s); retrying", self.stage, type(exc).__name__, exc)
+            self.rewind_needed = True
+            self._stopping.wait(1.0)
+            return Batch([], self.generation, None)
+
+    def _poll_records(self) -> Batch:
         consumer = self.consumer
         records: list = []
         generation = self.generation
@@ -303,11 +368,10 @@ class TransactionalLoop:
                 break
             if time.monotonic() >= deadline and (records or remaining_ms == 0):
                 break
-        self._observe_lag()
         if records:
-            self._records_at = time.monotonic()
-        elif time.monotonic() - self._records_at > STALL_CHECK_S:
-            self._check_stalled()
+            self.watch.got_records()
+        if self.watch.probe(consumer, skip=consumer.paused()):
+            self._recreate_consumer()
         at_end = self.bounds is not None and self._pause_finished()
         if not records or self.generation != generation:
             return Batch([], generation, None, at_end=at_end and self.generation == generation)
@@ -321,46 +385,24 @@ class TransactionalLoop:
             consumer.pause(*finished)
         return len(finished) == len(self.bounds.end)
 
-    def _check_stalled(self) -> None:
-        """Recreate the consumer when committed records lie ahead of it and polls keep returning none.
-
-        Seen here under heavy load: a kafka-python consumer, assigned while its partitions were
-        empty, never fetched the records committed after. The end offsets a read_committed
-        consumer lists are the last stable offsets, so an upstream transaction still open is
-        not mistaken for a stall. Recreating counts as a rebalance: in-flight batches are dropped
-        and everything uncommitted is read again, so nothing is lost or duplicated.
-        """
-        self._records_at = time.monotonic()
-        consumer = self.consumer
-        if not stuck_partitions(consumer, self.stage):
-            return
+    def _recreate_consumer(self) -> None:
+        """A stalled consumer is replaced; that counts as a rebalance: in-flight batches are dropped
+        and everything uncommitted is read again, so nothing is lost or duplicated."""
         metrics.RETRIES.labels(self.stage).inc()
-        self.generation += 1  # in-flight batches are dropped, as on a rebalance
+        self.generation += 1
         try:
-            consumer.close(autocommit=False)
+            self.consumer.close(autocommit=False)
         except Exception:  # noqa: BLE001 - replaced either way
             pass
         self.consumer = None
         self._make_consumer()
+        self.watch.reset()
         self.rewind_needed = True
-
-    def _observe_lag(self) -> None:
-        consumer = self.consumer
-        connected = broker_connected(consumer)
-        metrics.BROKER_UP.labels(self.stage).set(1 if connected else 0)
-        for tp in consumer.assignment():
-            high = consumer.highwater(tp)
-            if high is not None:
-                try:
-                    position = consumer.position(tp, timeout_ms=100)
-                except Exception:  # noqa: BLE001 - lag is best effort; a miss is not an error
-                    continue
-                if position is not None:
-                    metrics.CONSUMER_LAG.labels(self.stage, tp.topic, str(tp.partition)).set(max(0, high - position))
 
     def _rewind(self) -> None:
         for tp in self.consumer.assignment():
-            committed = self.consumer.committed(tp)
+            # Fetched as stable offsets (read_committed): waits while a transaction's offsets are pending.
+            committed = self.consumer.committed(tp, timeout_ms=self.txn_timeout_ms)
             if committed is not None:
                 self.consumer.seek(tp, committed)
             elif self.bounds is not None:
@@ -374,74 +416,133 @@ class TransactionalLoop:
     # -- producer thread ---------------------------------------------------------------
 
     def _commit(self, batch: Batch, outputs: list[Output]) -> bool:
-        """Steps 3–5 of the checkpoint. True when committed; False when aborted (to be read again)."""
+        """Steps 3–5 of the checkpoint. True when committed (or dropped after a rebalance); False when
+        the broker failed it (to be read again after a backoff)."""
         if batch.generation != self.generation:
             metrics.BATCHES_DROPPED.labels(self.stage, "rebalance").inc()
             log.info("%s: dropping a batch of %d read before a rebalance", self.stage, len(batch.records))
             return True  # nothing to retry: the new owner reads these offsets again
-        producer = self.producer
         try:
-            producer.begin_transaction()
-            for out in outputs:
-                producer.send(out.topic, value=out.value, key=out.key, headers=list(out.headers))
-            producer.send_offsets_to_transaction(
-                batch.next_offsets(self.bounds.metadata if self.bounds else None), batch.group_metadata)
-            producer.commit_transaction()
-        except Exception as exc:  # noqa: BLE001 - every Kafka failure aborts the batch
+            self._produce(batch, outputs)
+        except Exception as exc:  # noqa: BLE001 - every failure aborts the batch and replaces the producer
             metrics.TRANSACTIONS.labels(self.stage, "abort").inc()
+            self._replace_producer()
+            if is_record_failure(exc):
+                return self._commit_split(batch, exc)
             metrics.RETRIES.labels(self.stage).inc()
-            metrics.BROKER_UP.labels(self.stage).set(0)
+            metrics.BATCH_RETRIES.labels(self.stage, "broker").inc()
+            self.health.broker_failed(f"transaction failed: {type(exc).__name__}: {exc}")
             log.warning("%s: transaction for %d records aborted (%s: %s); retrying from committed offsets",
                         self.stage, len(batch.records), type(exc).__name__, exc)
-            self._abort_or_replace_producer()
             return False
         metrics.TRANSACTIONS.labels(self.stage, "commit").inc()
         if isinstance(outputs, Outputs):
             outputs.apply()
-        metrics.BROKER_UP.labels(self.stage).set(1)
+        self.health.broker_ok()
+        self.health.progressing()
         metrics.BATCH_SECONDS.labels(self.stage).observe(time.monotonic() - batch.polled_at)
         if self.on_commit is not None:
             self.on_commit(batch, outputs)
         return True
 
-    def _abort_or_replace_producer(self) -> None:
+    def _produce(self, batch: Batch, outputs: list[Output]) -> None:
+        from kafka.errors import IllegalStateError, KafkaConnectionError
+
+        producer = self.producer
+        if producer is None:
+            raise KafkaConnectionError("no transactional producer (the broker was unreachable)")
+        if pending_offsets(producer):  # never after a fresh init_transactions; checked all the same
+            raise IllegalStateError("the producer holds offsets of an earlier transaction")
+        producer.begin_transaction()
+        futures = [producer.send(out.topic, value=out.value, key=out.key, headers=list(out.headers))
+                   for out in outputs]
         try:
-            self.producer.abort_transaction()
-            return
-        except Exception as exc:  # noqa: BLE001 - fenced, fatal or broker gone: start a new producer
-            log.warning("%s: abort failed (%s); replacing the transactional producer", self.stage, exc)
-        try:
-            self.producer.close(timeout=1)
-        except Exception:  # noqa: BLE001
-            pass
+            send_offsets(producer, batch.next_offsets(self.bounds.metadata if self.bounds else None),
+                         batch.group_metadata, self.txn_timeout_ms)
+            if self.config.daemon.crash_before_commit and random.random() < self.config.daemon.crash_before_commit:
+                log.warning("%s: daemon.crash_before_commit: killing the process before commit", self.stage)
+                os.kill(os.getpid(), signal.SIGKILL)
+            end_transaction(producer, True, self.txn_timeout_ms)
+        except Exception as exc:
+            refused = next((f.exception for f in futures if f.is_done and f.failed()
+                            and is_record_failure(f.exception)), None)
+            if refused is not None:  # what the broker refused, not what the commit then said
+                raise refused from exc
+            raise
+
+    def _commit_split(self, batch: Batch, exc: Exception) -> bool:
+        """A transaction refused for what it carried: commit each half alone; a single record goes to the DLQ."""
+        if len(batch.records) == 1:
+            record = batch.records[0]
+            reason = "output_too_large" if "TooLarge" in type(exc).__name__ else "stage_error"
+            # The DLQ copy is cut to records.max_doc_bytes, which every output topic was checked to hold.
+            outputs = self._quarantine(record, InvalidDocument(reason, f"{type(exc).__name__}: {exc}"),
+                                       cap_bytes=self.limits.max_doc_bytes)
+            try:
+                self._produce(batch, outputs)
+            except Exception as again:  # noqa: BLE001 - even the DLQ entry failed: retried as a broker failure
+                self._replace_producer()
+                self.health.broker_failed(f"cannot write to the DLQ: {type(again).__name__}: {again}")
+                log.error("%s: writing %s/%d/%d to the DLQ failed (%s); retrying", self.stage, record.topic,
+                          record.partition, record.offset, again)
+                return False
+            metrics.TRANSACTIONS.labels(self.stage, "commit").inc()
+            outputs.apply()
+            if self.on_commit is not None:
+                self.on_commit(batch, outputs)
+            return True
+        metrics.BATCH_RETRIES.labels(self.stage, "split").inc()
+        log.warning("%s: a transaction of %d records was refused (%s: %s); committing it in halves",
+                    self.stage, len(batch.records), type(exc).__name__, exc)
+        for half in batch.halves():
+            try:
+                outputs = self.transform_isolated(half.records)
+            except StageFailure as failure:
+                self.health.not_ready(f"failing: {failure}")
+                return False
+            if not self._commit(half, outputs):
+                return False
+        return True
+
+    def _replace_producer(self) -> None:
+        """Close the producer and start a new one (same transactional id), retrying while the broker is away."""
+        if self.producer is not None:
+            try:
+                self.producer.close(timeout=1)
+            except Exception:  # noqa: BLE001 - discarded either way
+                pass
         self.producer = None
+        backoff = Backoff(self.config.daemon.retry_backoff_max_s)
         while not self._stopping.is_set():
             try:
                 self.producer = new_transactional_producer(self.config, self.transactional_id)
                 return
             except Exception as exc:  # noqa: BLE001
                 metrics.RETRIES.labels(self.stage).inc()
+                self.health.broker_failed(f"cannot start a transactional producer: {type(exc).__name__}: {exc}")
                 log.warning("%s: cannot start a transactional producer yet (%s); retrying", self.stage, exc)
-                time.sleep(1.0)
+                self._stopping.wait(backoff.next())
 
     # -- set-up and tear-down -------------------------------------------------------------
 
     async def _connect(self, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
-        backoff = _Backoff(self.config.daemon.retry_backoff_max_s)
+        backoff = Backoff(self.config.daemon.retry_backoff_max_s)
+        self.health.not_ready(f"connecting to Kafka at {self.config.kafka.bootstrap_servers}")
         while not stop.is_set():
             try:
                 await loop.run_in_executor(self._producer_thread, self._make_producer)
                 await loop.run_in_executor(self._consumer_thread, self._make_consumer)
-                metrics.BROKER_UP.labels(self.stage).set(1)
-                metrics.READINESS.set(self.stage, True)
+                self.health.broker_ok()
+                self.health.progressing()
                 log.info("%s: consuming %s as group %s (transactional id %s)", self.stage, self.input_topic,
                          self.group, self.transactional_id)
                 return
             except Exception as exc:  # noqa: BLE001 - broker not reachable yet
-                metrics.BROKER_UP.labels(self.stage).set(0)
                 metrics.RETRIES.labels(self.stage).inc()
                 delay = backoff.next()
+                self.health.broker_failed(f"cannot reach Kafka at {self.config.kafka.bootstrap_servers}: "
+                                          f"{type(exc).__name__}: {exc}")
                 log.warning("%s: cannot reach Kafka (%s: %s); retrying in %.1fs", self.stage,
                             type(exc).__name__, exc, delay)
                 await _sleep_or_stop(delay, stop)
@@ -458,11 +559,7 @@ class TransactionalLoop:
         class Listener(ConsumerRebalanceListener):
             def on_partitions_revoked(self, revoked):
                 loop_self.generation += 1  # in-flight batches of the old generation are dropped
-                for tp in revoked:
-                    try:
-                        metrics.CONSUMER_LAG.remove(loop_self.stage, tp.topic, str(tp.partition))
-                    except KeyError:
-                        pass
+                forget_lag(loop_self.stage, revoked)
 
             def on_partitions_assigned(self, assigned):
                 log.info("%s: assigned %s", loop_self.stage,
@@ -488,7 +585,7 @@ class TransactionalLoop:
             self.consumer.subscribe([self.input_topic], listener=Listener())
 
     def _close(self) -> None:
-        metrics.READINESS.set(self.stage, False)
+        self.health.not_ready("stopped")
         if self.consumer is not None:
             try:
                 self._consumer_thread.submit(self.consumer.close, autocommit=False).result(timeout=10)
@@ -501,19 +598,6 @@ class TransactionalLoop:
                 pass
         for pool in (self._consumer_thread, self._producer_thread, self._work_thread):
             pool.shutdown(wait=False, cancel_futures=True)
-
-
-class _Backoff:
-    def __init__(self, max_s: float, first_s: float = 0.2):
-        self.max_s, self.first_s, self.current = max_s, first_s, first_s
-
-    def next(self) -> float:
-        delay = self.current
-        self.current = min(self.max_s, self.current * 2)
-        return delay
-
-    def reset(self) -> None:
-        self.current = self.first_s
 
 
 async def _sleep_or_stop(seconds: float, stop: asyncio.Event) -> None:

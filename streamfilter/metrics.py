@@ -72,38 +72,84 @@ BATCHES_DROPPED = Counter(
     "streamfilter_batches_dropped_total",
     "In-flight micro-batches dropped unproduced (rebalance or a failed transaction); re-read from Kafka.",
     ["stage", "cause"], registry=REGISTRY)
-BROKER_UP = Gauge("streamfilter_broker_up", "1 while the stage's last Kafka call succeeded, else 0.", ["stage"],
-                  registry=REGISTRY)
+BROKER_UP = Gauge("streamfilter_broker_up", "1 while the stage's last request to the broker succeeded, else 0.",
+                  ["stage"], registry=REGISTRY)
 RETRIES = Counter("streamfilter_kafka_retries_total", "Kafka operations retried after an error.", ["stage"],
                   registry=REGISTRY)
 BUILD_INFO = Info("streamfilter_build", "The running streamfilter version.", registry=REGISTRY)
 READY = Gauge("streamfilter_ready", "1 when the stage is processing (models loaded, assigned, snapshot found).",
               ["stage"], registry=REGISTRY)
+QUARANTINED = Counter(
+    "streamfilter_quarantined_records_total", "Records isolated from their batch after failing a step (model, "
+    "encoder, size) and sent to the DLQ alone.", ["stage", "reason"], registry=REGISTRY)
+BATCH_RETRIES = Counter(
+    "streamfilter_batch_retries_total", "Micro-batches retried, by cause: broker (a Kafka failure; read again after "
+    "a backoff), split (a non-broker failure; split in halves to find the culprit), stall (the consumer was "
+    "recreated).", ["stage", "cause"], registry=REGISTRY)
+
+# The label values the counters above are exported with from a stage's start (at 0), so that
+# rates and alerts see a series before the first increment (register_stage).
+QUARANTINE_REASONS = ("model_error", "unencodable", "output_too_large", "stage_error")
+BATCH_RETRY_CAUSES = ("broker", "split", "stall")
 
 BUILD_INFO.info({"version": _version()})
 
 
+def register_stage(stage: str) -> None:
+    """Export the stage's labelled counters at 0 for every known label value.
+
+    Called by `Readiness.register` (which every stage calls when it is built), so a stage's
+    quarantine and retry series exist from its start: dashboards show 0, not "no data", and
+    `increase()` sees the first increment.
+    """
+    for reason in QUARANTINE_REASONS:
+        QUARANTINED.labels(stage, reason)
+    for cause in BATCH_RETRY_CAUSES:
+        BATCH_RETRIES.labels(stage, cause)
+
+
 class Readiness:
-    """Stages report themselves ready; /ready answers 200 when all registered stages are."""
+    """Stages report whether they make progress, with the reason when they do not.
+
+    /ready answers 200 while every registered stage is ready, else 503; its body has one line
+    per stage: `<stage> ready` or `<stage> not ready: <reason>`.
+    """
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._stages: dict[str, bool] = {}
+        self._stages: dict[str, tuple[bool, str]] = {}
 
     def register(self, stage: str) -> None:
+        """Add `stage` (not ready, "starting", unless it was registered before) and export its series."""
         with self._lock:
-            self._stages.setdefault(stage, False)
-        READY.labels(stage).set(0)
+            ready, _ = self._stages.setdefault(stage, (False, "starting"))
+        READY.labels(stage).set(1 if ready else 0)
+        register_stage(stage)
 
-    def set(self, stage: str, ready: bool) -> None:
+    def set(self, stage: str, ready: bool, reason: str = "") -> None:
+        """Mark `stage` ready, or not ready because of `reason` (one line; ignored when ready)."""
+        reason = "" if ready else " ".join(str(reason).split())
         with self._lock:
-            self._stages[stage] = ready
+            self._stages[stage] = (bool(ready), reason)
         READY.labels(stage).set(1 if ready else 0)
 
-    def ready(self) -> tuple[bool, dict[str, bool]]:
+    def status(self) -> dict[str, tuple[bool, str]]:
+        """stage -> (ready, reason)."""
         with self._lock:
-            stages = dict(self._stages)
+            return dict(self._stages)
+
+    def ready(self) -> tuple[bool, dict[str, bool]]:
+        stages = {name: r for name, (r, _) in self.status().items()}
         return bool(stages) and all(stages.values()), stages
+
+    def body(self) -> tuple[bool, str]:
+        """(all ready, the /ready body)."""
+        stages = self.status()
+        lines = [f"{name} ready" if r else f"{name} not ready: {reason}" if reason else f"{name} not ready"
+                 for name, (r, reason) in sorted(stages.items())]
+        if not stages:
+            lines = ["not ready: no stage started yet"]
+        return bool(stages) and all(r for r, _ in stages.values()), "".join(line + "\n" for line in lines)
 
 
 READINESS = Readiness()
@@ -114,8 +160,7 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path.startswith("/metrics"):
             self._send(200, generate_latest(REGISTRY), CONTENT_TYPE_LATEST)
         elif self.path.startswith("/ready"):
-            ok, stages = READINESS.ready()
-            body = "".join(f"{name} {'ready' if r else 'not ready'}\n" for name, r in sorted(stages.items()))
+            ok, body = READINESS.body()
             self._send(200 if ok else 503, body.encode(), "text/plain; charset=utf-8")
         elif self.path.startswith("/live"):
             self._send(200, b"ok\n", "text/plain; charset=utf-8")

@@ -2,8 +2,10 @@
 
 Pure and Kafka-free. A raw value is a msgpack map or a JSON object with `text` and `id`
 (or `url`, from which the id is derived), and optionally `url`, `fetched_at`, `lang`,
-`meta`. Anything else becomes an `InvalidDocument` with a stable reason code, which the
-daemon sends to the DLQ with the original bytes.
+`meta`. The whole map is validated here, so that a document that passes can always be
+encoded again (`encode_scored`, `encode_document`): the unit of failure is one record, never
+the batch. Anything else becomes an `InvalidDocument` with a stable reason code, which the
+daemon sends to the DLQ with the original bytes (capped by `dlq_value`).
 
 A scored record (topic `crawl.scored`) is a msgpack map carrying the document, its
 Ask-LLM score, its embedding as little-endian float16 bytes, the model ids and the source
@@ -12,7 +14,9 @@ coordinates, so that re-routing never runs a model again.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +32,18 @@ OPTIONAL_FIELDS = ("url", "fetched_at", "lang", "meta")
 REASONS = (
     "empty_value", "too_large", "undecodable", "invalid_utf8", "not_a_map", "missing_text", "bad_type",
     "empty_text", "missing_id", "bad_scored_record",
+    "bad_value",         # a value of the right type out of range: huge int, NaN/inf, meta nested too deep
+    "model_error",       # a model, tokenizer or scorer raised on this document
+    "unencodable",       # the output record for this document could not be encoded
+    "output_too_large",  # the output record exceeds what the producer/topic accept
+    "stage_error",       # any other per-record failure, isolated by splitting the batch
 )
+
+# What msgpack (and so every output record) can carry; `fetched_at` integers must fit int64.
+MSGPACK_INT_MIN, MSGPACK_INT_MAX = -2**63, 2**64 - 1
+INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
+# `meta` itself is level 1; each map or list inside it one more.
+MAX_META_DEPTH = 32
 
 
 @dataclass(frozen=True)
@@ -78,11 +93,27 @@ def decode_raw(value: bytes | None, max_doc_bytes: int) -> Document:
     return document_from_map(obj)
 
 
+class _ExtValue(Exception):
+    """Raised by the msgpack ext hook: ext values never reach a document."""
+
+
+def _reject_ext(code: int, data: bytes) -> Any:
+    raise _ExtValue(code)
+
+
+def _unpackb(value: bytes) -> Any:
+    # Ext types raise `_ExtValue`; timestamps (ext -1) bypass ext_hook and come back as
+    # msgpack.Timestamp, which `document_from_map` rejects as bad_type in every field it reads.
+    return msgpack.unpackb(value, raw=False, strict_map_key=False, ext_hook=_reject_ext)
+
+
 def _unpack(value: bytes) -> Any:
     try:
-        return msgpack.unpackb(value, raw=False, strict_map_key=False)
+        return _unpackb(value)
     except UnicodeDecodeError as exc:
         raise InvalidDocument("invalid_utf8", f"msgpack string is not UTF-8: {exc.reason}") from None
+    except _ExtValue as exc:
+        raise InvalidDocument("bad_type", f"msgpack ext type {exc.args[0]} is not supported") from None
     except Exception:  # noqa: BLE001 - msgpack raises many types; not msgpack: try JSON below
         pass
     if value.lstrip()[:1] not in (b"{", b"["):
@@ -98,6 +129,22 @@ def _unpack(value: bytes) -> Any:
 
 
 def document_from_map(obj: dict) -> Document:
+    """Validate a decoded map (raw input or a scored record's `doc`) into a `Document`.
+
+    Every field read is checked, so the document can always be encoded again:
+    - `text` (non-blank), `url`, `lang`: strings; `id`: a string or an integer (or taken
+      from `url`); `fetched_at`: a string, an int64 integer or a finite float; else bad_type,
+      or bad_value for an out-of-range number (int beyond int64, NaN, inf).
+    - every string, including meta's keys and nested values, must be encodable UTF-8 (no lone
+      surrogates, which JSON escapes can carry): invalid_utf8.
+    - `meta`: a map whose keys (at every level) are strings and whose values are None, bool,
+      int (-2**63 .. 2**64-1, what msgpack packs), finite float, str, bytes, lists and maps,
+      nested at most MAX_META_DEPTH levels (meta itself is level 1). A non-string key or any
+      other type (msgpack Timestamp or ext, set, tuple, ...) is bad_type; an int out of range,
+      a NaN or infinite float (msgpack would pack it, JSON output would not, and it breaks
+      equality) or deeper nesting is bad_value.
+    Unknown top-level fields are ignored: not validated, not kept, never re-encoded.
+    """
     text = obj.get("text")
     if text is None:
         raise InvalidDocument("missing_text", "no 'text' field")
@@ -107,8 +154,10 @@ def document_from_map(obj: dict) -> Document:
     if not text.strip():
         raise InvalidDocument("empty_text", "'text' is empty or whitespace")
     url = obj.get("url")
-    if url is not None and not isinstance(url, str):
-        raise InvalidDocument("bad_type", f"'url' must be a string, got {type(url).__name__}")
+    if url is not None:
+        if not isinstance(url, str):
+            raise InvalidDocument("bad_type", f"'url' must be a string, got {type(url).__name__}")
+        _check_unicode(url, "url")
     doc_id = obj.get("id")
     if doc_id is None:
         if not url:
@@ -121,23 +170,96 @@ def document_from_map(obj: dict) -> Document:
         raise InvalidDocument("missing_id", "'id' is empty")
     _check_unicode(doc_id, "id")
     lang = obj.get("lang")
-    if lang is not None and not isinstance(lang, str):
-        raise InvalidDocument("bad_type", f"'lang' must be a string, got {type(lang).__name__}")
+    if lang is not None:
+        if not isinstance(lang, str):
+            raise InvalidDocument("bad_type", f"'lang' must be a string, got {type(lang).__name__}")
+        _check_unicode(lang, "lang")
     meta = obj.get("meta")
-    if meta is not None and not isinstance(meta, dict):
-        raise InvalidDocument("bad_type", f"'meta' must be a map, got {type(meta).__name__}")
+    if meta is not None:
+        if not isinstance(meta, dict):
+            raise InvalidDocument("bad_type", f"'meta' must be a map, got {type(meta).__name__}")
+        if meta:
+            try:
+                _check_tree(meta, 1)
+            except _BadValue as exc:
+                where = "meta" + "".join(f"[{key!r:.40}]" for key in reversed(exc.path))
+                raise InvalidDocument(exc.reason, f"'{where}' {exc.detail}") from None
     fetched_at = obj.get("fetched_at")
-    if fetched_at is not None and (isinstance(fetched_at, bool) or not isinstance(fetched_at, (str, int, float))):
-        raise InvalidDocument("bad_type", f"'fetched_at' must be a string or number, got {type(fetched_at).__name__}")
+    if fetched_at is not None:
+        if isinstance(fetched_at, str):
+            _check_unicode(fetched_at, "fetched_at")
+        elif isinstance(fetched_at, bool) or not isinstance(fetched_at, (int, float)):
+            raise InvalidDocument("bad_type",
+                                  f"'fetched_at' must be a string or number, got {type(fetched_at).__name__}")
+        elif isinstance(fetched_at, int):
+            if not INT64_MIN <= fetched_at <= INT64_MAX:
+                raise InvalidDocument("bad_value", "'fetched_at' integer does not fit int64")
+        elif not math.isfinite(fetched_at):
+            raise InvalidDocument("bad_value", f"'fetched_at' must be finite, got {fetched_at!r}")
     return Document(id=doc_id, text=text, url=url, fetched_at=fetched_at, lang=lang, meta=meta)
 
 
 def _check_unicode(value: str, name: str) -> None:
     # JSON escapes can smuggle lone surrogates ("\ud800") into a str: not encodable text.
+    if value.isascii():  # O(1) in CPython: a flag of the string
+        return
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise InvalidDocument("invalid_utf8", f"'{name}' holds a lone surrogate at {exc.start}") from None
+
+
+class _BadValue(Exception):
+    """A bad value inside meta; `path` collects the keys/indexes innermost first on the way out."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(reason, detail)
+        self.reason = reason
+        self.detail = detail
+        self.path: list = []
+
+
+def _check_str(value: str) -> None:
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise _BadValue("invalid_utf8", f"holds a lone surrogate at {exc.start}") from None
+
+
+def _check_tree(value: Any, depth: int) -> None:
+    """Raise `_BadValue` unless msgpack and JSON (but for bytes) can encode `value` as is."""
+    if value is None or isinstance(value, (bool, bytes)):
+        return
+    if isinstance(value, str):
+        _check_str(value)
+    elif isinstance(value, int):
+        if not MSGPACK_INT_MIN <= value <= MSGPACK_INT_MAX:
+            raise _BadValue("bad_value", "integer does not fit msgpack (-2**63 .. 2**64-1)")
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise _BadValue("bad_value", f"must be a finite float, got {value!r}")
+    elif isinstance(value, (dict, list)):
+        if depth > MAX_META_DEPTH:
+            raise _BadValue("bad_value", f"nested deeper than {MAX_META_DEPTH} levels")
+        key: Any = None
+        try:
+            if isinstance(value, dict):
+                for key, item in value.items():
+                    if not isinstance(key, str):
+                        raise _BadValue("bad_type", f"keys must be strings, got {type(key).__name__}")
+                    if not key.isascii():
+                        _check_str(key)
+                    if type(item) is not str or not item.isascii():  # fast path: ASCII string values
+                        _check_tree(item, depth + 1)
+            else:
+                for key, item in enumerate(value):
+                    _check_tree(item, depth + 1)
+        except _BadValue as exc:
+            exc.path.append(key)
+            raise
+    else:
+        raise _BadValue("bad_type", f"unsupported type {type(value).__name__}")
 
 
 def encode_scored(record: ScoredRecord) -> bytes:
@@ -159,7 +281,7 @@ def encode_scored(record: ScoredRecord) -> bytes:
 def decode_scored(value: bytes | None) -> ScoredRecord:
     """Decode a scored record; raise `InvalidDocument("bad_scored_record")` on anything unexpected."""
     try:
-        obj = msgpack.unpackb(value, raw=False, strict_map_key=False)
+        obj = _unpackb(value)
         if obj.get("v") != SCORED_VERSION:
             raise ValueError(f"unknown scored record version {obj.get('v')!r}")
         embedding = np.frombuffer(obj["embedding"], dtype="<f2")
@@ -198,4 +320,23 @@ def dlq_headers(exc: InvalidDocument, stage: str, topic: str, partition: int, of
         ("sf-source-topic", topic.encode()),
         ("sf-source-partition", str(partition).encode()),
         ("sf-source-offset", str(offset).encode()),
+    ]
+
+
+def dlq_value(value: bytes | None, cap_bytes: int) -> tuple[bytes, list[tuple[str, bytes]]]:
+    """The value a DLQ entry carries for an original raw value, and extra headers.
+
+    Up to cap_bytes: the original bytes unchanged and no extra headers. Larger: the first cap_bytes
+    bytes plus headers ("sf-dlq-truncated", b"1"), ("sf-dlq-original-bytes", b"<size>"),
+    ("sf-dlq-original-sha256", b"<hex sha256 of the whole original>"). None -> b"".
+    """
+    if value is None:
+        return b"", []
+    cap = max(0, cap_bytes)
+    if len(value) <= cap:
+        return bytes(value), []
+    return bytes(value[:cap]), [
+        ("sf-dlq-truncated", b"1"),
+        ("sf-dlq-original-bytes", str(len(value)).encode()),
+        ("sf-dlq-original-sha256", hashlib.sha256(value).hexdigest().encode()),
     ]

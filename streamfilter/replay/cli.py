@@ -240,7 +240,8 @@ def _run_transactional(args, config, mode: str, input_topic: str, start, end, dl
     from kafka.structs import TopicPartition
 
     from streamfilter.daemon import ensure_topics
-    from streamfilter.kafka_loop import RangeBounds, TransactionalLoop, new_consumer
+    from streamfilter.kafka_clients import new_consumer
+    from streamfilter.kafka_loop import RangeBounds, TransactionalLoop
     from streamfilter.replay import job, ranges
 
     digest = job.spec_digest(_job_fields(args, config, mode, input_topic, dlq))
@@ -283,7 +284,8 @@ def _run_transactional(args, config, mode: str, input_topic: str, start, end, dl
             transform = ScoreTransform(score_config)
             transform.stage = "replay"
             prepare = transform.load
-        ensure_topics(config, [args.output, args.rejected_output or "", dlq])
+        ensure_topics(config, [args.output, args.rejected_output or "", dlq],
+                      {args.output: "--output", args.rejected_output or "": "--rejected-output", dlq: "--dlq"})
         if not resumed:
             job.record_start(probe, input_topic, state)
     finally:
@@ -299,7 +301,7 @@ def _run_transactional(args, config, mode: str, input_topic: str, start, end, dl
                         label=f"replay {job_id}")
     counter = _CommitCounter(progress, state, args.output, dlq)
     loop = TransactionalLoop("replay", config, input_topic, _Windowed(transform, state.window), prepare=prepare,
-                             group=group, transactional_id=group, bounds=bounds, on_commit=counter)
+                             group=group, transactional_id=group, bounds=bounds, on_commit=counter, dlq_topic=dlq)
     verb = "resuming" if resumed else "starting"
     log.info("%s replay job %s (%s): %s %s → %s%s", verb, job_id, mode, input_topic,
              ranges.describe(state.ranges), args.output, f", snapshot {state.snapshot_id}" if state.snapshot_id else "")
@@ -390,7 +392,7 @@ def _run_loop(loop) -> bool:
 
 
 def _read_setup(args, config, input_topic: str, start, end):
-    from streamfilter.kafka_loop import new_consumer
+    from streamfilter.kafka_clients import new_consumer
     from streamfilter.replay import ranges
 
     consumer = new_consumer(config, None, allow_auto_create_topics=False)

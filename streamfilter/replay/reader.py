@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from streamfilter.config import Config
-from streamfilter.kafka_loop import new_consumer
+from streamfilter.kafka_clients import new_consumer
 
 
 def read_range(config: Config, topic: str, ranges: dict[int, tuple[int, int]], batch_docs: int,

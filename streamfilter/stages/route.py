@@ -116,20 +116,27 @@ class RouteTransform:
         decisions = self.decisions([s for _, s in scored])
         topics = self.config.topics
         kept = 0
-        for (_, s), decision in zip(scored, decisions):
+        rejected = 0
+        for (record, s), decision in zip(scored, decisions):
+            topic = topics.accepted if decision.keep else topics.rejected
+            if topic:
+                try:
+                    value = encode_document(s.document)
+                except Exception as exc:  # noqa: BLE001 - one document's fields, not the batch
+                    add_dlq_output(outputs, self.config, self.stage,
+                                   InvalidDocument("unencodable", f"{type(exc).__name__}: {exc}"), record)
+                    continue
+                outputs.append(Output(topic, value, key=s.document.id.encode(), headers=decision_headers(decision, s)))
             kept += decision.keep
+            rejected += not decision.keep
             outputs.observe(metrics.KEEP_PROBABILITY.labels(decision.policy), decision.probability)
             if not math.isnan(decision.density):
                 outputs.observe(metrics.DENSITY_SCORE, decision.density)
-            topic = topics.accepted if decision.keep else topics.rejected
-            if topic:
-                outputs.append(Output(topic, encode_document(s.document), key=s.document.id.encode(),
-                                      headers=decision_headers(decision, s)))
         name = self.policy.name
         outputs.count(metrics.DECISIONS, (name, "accepted"), kept)
-        outputs.count(metrics.DECISIONS, (name, "rejected"), len(scored) - kept)
+        outputs.count(metrics.DECISIONS, (name, "rejected"), rejected)
         outputs.count(metrics.DOCUMENTS, (self.stage, "accepted"), kept)
-        outputs.count(metrics.DOCUMENTS, (self.stage, "rejected"), len(scored) - kept)
+        outputs.count(metrics.DOCUMENTS, (self.stage, "rejected"), rejected)
 
 
 def decide_scored(prepared, scored: list[ScoredRecord]) -> list:

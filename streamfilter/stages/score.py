@@ -5,8 +5,6 @@ from __future__ import annotations
 import logging
 import time
 
-import numpy as np
-
 from streamfilter import metrics
 from streamfilter.config import Config
 from streamfilter.errors import InvalidDocument
@@ -48,6 +46,8 @@ class ScoreTransform:
                  self.embedder.dim, f", perplexity {self.perplexity.model_id}" if self.perplexity else "")
 
     def __call__(self, records: list) -> Outputs:
+        """Scored records and DLQ entries for `records`. Raises `InvalidDocument("model_error")` when a
+        model raises on the batch: the loop then splits the batch until the document is alone."""
         outputs = Outputs()
         good: list[tuple[object, Document]] = []
         max_bytes = self.config.records.max_doc_bytes
@@ -57,29 +57,26 @@ class ScoreTransform:
             except InvalidDocument as exc:
                 add_dlq_output(outputs, self.config, self.stage, exc, record)
         if good:
-            good, scores, embeddings = self._infer(good, outputs)
-            nlls = self._perplexity([doc.text for _, doc in good])
+            scores, embeddings, nlls = self._infer([doc.text for _, doc in good])
+            scored_topic, scored = self.config.topics.scored, 0
             for (record, doc), score, embedding, nll in zip(good, scores.tolist(), embeddings, nlls):
+                record_out = ScoredRecord(doc, score, embedding, self.scorer.model_id, self.embedder.model_id,
+                                          (record.topic, record.partition, record.offset), perplexity=nll,
+                                          perplexity_model=self.perplexity.model_id if self.perplexity else None)
+                try:
+                    value = encode_scored(record_out)
+                except Exception as exc:  # noqa: BLE001 - one document's fields, not the batch
+                    add_dlq_output(outputs, self.config, self.stage,
+                                   InvalidDocument("unencodable", f"{type(exc).__name__}: {exc}"), record)
+                    continue
                 outputs.observe(metrics.ASKLLM_SCORE, score)
-                scored = ScoredRecord(doc, score, embedding, self.scorer.model_id, self.embedder.model_id,
-                                      (record.topic, record.partition, record.offset), perplexity=nll,
-                                      perplexity_model=self.perplexity.model_id if self.perplexity else None)
-                outputs.append(Output(self.config.topics.scored, encode_scored(scored), key=doc.id.encode()))
-            outputs.count(metrics.DOCUMENTS, (self.stage, "scored"), len(good))
+                outputs.append(Output(scored_topic, value, key=doc.id.encode()))
+                scored += 1
+            outputs.count(metrics.DOCUMENTS, (self.stage, "scored"), scored)
         return outputs
 
-    def _perplexity(self, texts: list[str]) -> list[float | None]:
-        """Mean NLL per document when a perplexity model is configured, else None per document."""
-        if self.perplexity is None:
-            return [None] * len(texts)
-        t0 = time.perf_counter()
-        nll = self.perplexity.score(texts, batch_size=self.config.models.inference_batch_docs)
-        metrics.INFERENCE_SECONDS.labels("perplexity").observe(time.perf_counter() - t0)
-        return nll.tolist()
-
-    def _infer(self, good, outputs: Outputs):
-        """Score a batch; a document the models refuse goes to the DLQ (in `outputs`) alone, the rest are kept."""
-        texts = [doc.text for _, doc in good]
+    def _infer(self, texts: list[str]):
+        """P(yes) [n], embeddings [n, dim] and mean NLLs (or None) [n] of a batch of texts."""
         batch = self.config.models.inference_batch_docs
         try:
             t0 = time.perf_counter()
@@ -88,20 +85,13 @@ class ScoreTransform:
             t0 = time.perf_counter()
             embeddings = self.embedder.embed(texts, batch_size=batch)
             metrics.INFERENCE_SECONDS.labels("embedder").observe(time.perf_counter() - t0)
-            return good, scores, embeddings
+            if self.perplexity is None:
+                return scores, embeddings, [None] * len(texts)
+            t0 = time.perf_counter()
+            nll = self.perplexity.score(texts, batch_size=batch)
+            metrics.INFERENCE_SECONDS.labels("perplexity").observe(time.perf_counter() - t0)
+            return scores, embeddings, nll.tolist()
         except InvalidDocument:
-            pass
-        kept, scores, embeddings = [], [], []
-        for record, doc in good:  # isolate the culprit(s)
-            try:
-                score = self.scorer.score([doc.text])
-                embedding = self.embedder.embed([doc.text])
-            except InvalidDocument as exc:
-                add_dlq_output(outputs, self.config, self.stage, exc, record)
-                continue
-            kept.append((record, doc))
-            scores.append(score[0])
-            embeddings.append(embedding[0])
-        dim = self.embedder.dim
-        return (kept, np.asarray(scores, dtype=np.float32),
-                np.stack(embeddings) if embeddings else np.zeros((0, dim), np.float16))
+            raise
+        except Exception as exc:  # noqa: BLE001 - a model, tokenizer or runtime error on some document
+            raise InvalidDocument("model_error", f"{type(exc).__name__}: {exc}") from exc

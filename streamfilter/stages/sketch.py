@@ -13,7 +13,8 @@ import numpy as np
 from streamfilter import metrics
 from streamfilter.config import Config, build_policy
 from streamfilter.errors import InvalidDocument
-from streamfilter.kafka_loop import _Backoff, _sleep_or_stop, broker_connected, new_consumer
+from streamfilter.kafka_clients import Backoff, ConsumerWatch, StageHealth, new_consumer
+from streamfilter.kafka_loop import _sleep_or_stop
 from streamfilter.records import decode_scored
 
 log = logging.getLogger("streamfilter.stages")
@@ -39,10 +40,10 @@ class SketchAggregator:
         self.state = None
         self.consumer = None
         self._dirty = False
-        self._records_at = time.monotonic()  # last poll that returned records (stall detection)
+        self.health = StageHealth(self.stage)
+        self.watch = ConsumerWatch(self.health)
         self._stopping = threading.Event()
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="sketch")
-        metrics.READINESS.register(self.stage)
 
     def restore(self) -> None:
         from streamfilter.density.state import SketchState
@@ -72,16 +73,18 @@ class SketchAggregator:
         watcher = asyncio.ensure_future(self._watch(stop))
         try:
             await loop.run_in_executor(self._thread, self.restore)
-            backoff = _Backoff(self.config.daemon.retry_backoff_max_s)
+            backoff = Backoff(self.config.daemon.retry_backoff_max_s)
+            self.health.not_ready(f"connecting to Kafka at {self.config.kafka.bootstrap_servers}")
             while not stop.is_set():
                 try:
                     await loop.run_in_executor(self._thread, self._connect)
                     break
                 except Exception as exc:  # noqa: BLE001 - broker not reachable yet
-                    metrics.BROKER_UP.labels(self.stage).set(0)
+                    self.health.broker_failed(f"cannot reach Kafka at {self.config.kafka.bootstrap_servers}: "
+                                              f"{type(exc).__name__}: {exc}")
                     log.warning("sketch: cannot reach Kafka (%s); retrying", exc)
                     await _sleep_or_stop(backoff.next(), stop)
-            metrics.READINESS.set(self.stage, True)
+            self.health.progressing()
             last_snapshot = time.monotonic()
             while not stop.is_set():
                 try:
@@ -90,8 +93,9 @@ class SketchAggregator:
                         await loop.run_in_executor(self._thread, self.write_snapshot)
                         last_snapshot = time.monotonic()
                     backoff.reset()
-                except Exception:  # noqa: BLE001 - keep counting: reconnect and seek to the covered offsets
+                except Exception as exc:  # noqa: BLE001 - keep counting: reconnect and seek to the covered offsets
                     log.exception("sketch: consuming failed; reconnecting")
+                    self.health.broker_failed(f"consuming failed: {type(exc).__name__}: {exc}")
                     metrics.RETRIES.labels(self.stage).inc()
                     await _sleep_or_stop(backoff.next(), stop)
                     try:
@@ -102,7 +106,7 @@ class SketchAggregator:
                 await loop.run_in_executor(self._thread, self.write_snapshot)
         finally:
             watcher.cancel()
-            metrics.READINESS.set(self.stage, False)
+            self.health.not_ready("stopped")
             if self.consumer is not None:
                 await loop.run_in_executor(self._thread, self.consumer.close)
             self._thread.shutdown(wait=False)
@@ -129,19 +133,8 @@ class SketchAggregator:
             else:
                 consumer.seek_to_beginning(tp)
         self.consumer = consumer
-        metrics.BROKER_UP.labels(self.stage).set(1)
-
-    def _check_stalled(self) -> None:
-        """As `TransactionalLoop._check_stalled`: readable records ahead but none returned for a
-        while (a kafka-python consumer seen stuck under load) → reconnect at the covered offsets."""
-        from streamfilter.kafka_loop import STALL_CHECK_S, stuck_partitions
-
-        if time.monotonic() - self._records_at < STALL_CHECK_S:
-            return
-        self._records_at = time.monotonic()
-        if stuck_partitions(self.consumer, self.stage):
-            metrics.RETRIES.labels(self.stage).inc()
-            self._reconnect()
+        self.watch.reset()
+        self.health.broker_ok()
 
     def _reconnect(self) -> None:
         if self.consumer is not None:
@@ -155,13 +148,14 @@ class SketchAggregator:
     def _poll_and_count(self) -> None:
         polled = self.consumer.poll(timeout_ms=min(self.config.batch.max_wait_ms, 500) or 100,
                                     max_records=self.config.batch.max_batch_docs)
-        metrics.BROKER_UP.labels(self.stage).set(1 if broker_connected(self.consumer) else 0)
         records = [r for part in polled.values() for r in part]
-        if not records:
-            self._observe_lag()  # so that lag falls to 0 once caught up
-            self._check_stalled()
+        if records:
+            self.watch.got_records()
+        if self.watch.probe(self.consumer):  # broker health, lag, stall
+            self._reconnect()
             return
-        self._records_at = time.monotonic()
+        if not records:
+            return
         metrics.INPUT_DOCUMENTS.labels(self.stage).inc(len(records))
         ids, embeddings, askllm, coords, nll = [], [], [], [], []
         for record in records:
@@ -170,6 +164,12 @@ class SketchAggregator:
             except InvalidDocument as exc:
                 # The route stage sends these to the DLQ; the sketch only moves past them.
                 log.warning("sketch: skipping %s/%d/%d: %s", record.topic, record.partition, record.offset, exc)
+                metrics.DOCUMENTS.labels(self.stage, "skipped").inc()
+                continue
+            dim = self.state.sketch.projections.shape[0] if self.state is not None else (len(embeddings[0]) if embeddings else None)
+            if dim is not None and scored.embedding.shape[0] != dim:
+                log.warning("sketch: skipping %s/%d/%d: a %d-dimensional embedding in a %d-dimensional sketch",
+                            record.topic, record.partition, record.offset, scored.embedding.shape[0], dim)
                 metrics.DOCUMENTS.labels(self.stage, "skipped").inc()
                 continue
             ids.append(scored.document.id)
@@ -190,20 +190,6 @@ class SketchAggregator:
             for record in records:
                 key = (record.topic, record.partition)
                 self.state.offsets[key] = max(self.state.offsets.get(key, 0), record.offset + 1)
-        self._observe_lag()
-
-    def _observe_lag(self) -> None:
-        # The position, not the covered offsets: only the position moves past transaction markers,
-        # so lag from covered offsets never fell below 1 on a transactional topic.
-        for tp in self.consumer.assignment():
-            high = self.consumer.highwater(tp)
-            if high is not None:
-                try:
-                    position = self.consumer.position(tp, timeout_ms=100)
-                except Exception:  # noqa: BLE001 - lag is best effort; a miss is not an error
-                    continue
-                if position is not None:
-                    metrics.CONSUMER_LAG.labels(self.stage, tp.topic, str(tp.partition)).set(max(0, high - position))
 
     def write_snapshot(self) -> None:
         if self.state is None:

@@ -139,7 +139,7 @@ def test_healthy_run_fires_only_the_dlq_alert(live):
     assert {a["stage"] for a in p.fired("StreamfilterDLQRateHigh", live.start, time.time())} == {"score"}
     for name in ("StreamfilterScrapeDown", "StreamfilterNoProgress", "StreamfilterConsumerLagGrowing",
                  "StreamfilterTransactionsAborting", "StreamfilterBrokerDisconnected", "StreamfilterSnapshotStale",
-                 "StreamfilterAcceptRateDrift"):
+                 "StreamfilterAcceptRateDrift", "StreamfilterRecordsQuarantined", "StreamfilterBatchRetriesHigh"):
         assert not p.fired(name, live.start, time.time()), f"{name} fired on a healthy run"
 
 

@@ -1,0 +1,202 @@
+"""The transactional loop under faults, driven step by step against the real broker.
+
+Each test reproduces one way the exactly-once promise broke (issue "Nothing lost, never
+stuck") and checks the group's committed offsets and the read_committed output directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hashlib
+import json
+import random
+import threading
+import time
+
+import numpy as np
+
+import pytest
+from kafka import KafkaConsumer, KafkaProducer
+from kafka.structs import TopicPartition
+
+from streamfilter.config import load_config
+from streamfilter.kafka_loop import Batch, Output, Outputs, TransactionalLoop
+
+from .conftest import OutputCollector
+
+pytestmark = pytest.mark.kafka
+
+
+def loop_config(bootstrap: str, names, **sections):
+    overrides = [f"kafka.bootstrap_servers={bootstrap}", f"kafka.group_prefix={names.prefix}",
+                 "kafka.instance_id=faults", "kafka.session_timeout_ms=3000", "kafka.heartbeat_interval_ms=500",
+                 "kafka.transaction_timeout_ms=10000", "batch.max_wait_ms=200", "daemon.retry_backoff_max_s=1"]
+    overrides += [f"{s}.{k}={v}" for s, values in sections.items() for k, v in values.items()]
+    return load_config(None, env={}, overrides=overrides)
+
+
+def copy_transform(output_topic: str):
+    def transform(records):
+        return Outputs(Output(output_topic, r.value, key=r.key) for r in records)
+    return transform
+
+
+def fill(bootstrap: str, topic: str, per_partition: dict[int, int]) -> None:
+    producer = KafkaProducer(bootstrap_servers=bootstrap)
+    for partition, n in per_partition.items():
+        for i in range(n):
+            producer.send(topic, value=f"p{partition}-{i}".encode(), partition=partition)
+    producer.flush()
+    producer.close()
+
+
+def read_all(bootstrap: str, topic: str, quiet_s: float = 2.0) -> list[bytes]:
+    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest",
+                             isolation_level="read_committed", enable_auto_commit=False)
+    values, quiet_since = [], time.monotonic()
+    while time.monotonic() - quiet_since < quiet_s:
+        got = [r.value for part in consumer.poll(timeout_ms=300).values() for r in part]
+        values += got
+        if got:
+            quiet_since = time.monotonic()
+    consumer.close()
+    return values
+
+
+def poll_until(loop: TransactionalLoop, n: int, timeout_s: float = 30) -> list:
+    records, deadline = [], time.monotonic() + timeout_s
+    while len(records) < n and time.monotonic() < deadline:
+        batch = loop._poll_batch()
+        records += batch.records
+    assert len(records) == n, f"read {len(records)} of {n} records"
+    return records
+
+
+def test_offsets_of_an_aborted_batch_never_ride_along_with_the_next_commit(bootstrap, names, create_topics):
+    """Observed: a TxnOffsetCommit fenced as a stale member (CommitFailedError: UnknownMemberId)
+    aborts; kafka-python keeps its offsets pending, and the next committed transaction wrote them
+    too, so the aborted batch's records were marked consumed without ever being produced."""
+    src, dst = names.topic("src"), names.topic("dst")
+    create_topics({src: 2, dst: 1})
+    fill(bootstrap, src, {0: 10, 1: 10})
+    config = loop_config(bootstrap, names)
+    loop = TransactionalLoop("score", config, src, copy_transform(dst))
+    try:
+        loop._make_producer()
+        loop._make_consumer()
+        records = poll_until(loop, 20)
+        meta = loop.consumer.group_metadata()
+        first = [r for r in records if r.partition == 0]
+        second = [r for r in records if r.partition == 1]
+
+        stale = meta._replace(member_id="a-member-that-left-the-group")
+        aborted = Batch(first, loop.generation, stale)
+        assert loop._commit(aborted, copy_transform(dst)(first)) is False
+
+        assert loop._commit(Batch(second, loop.generation, meta), copy_transform(dst)(second)) is True
+
+        tp0, tp1 = TopicPartition(src, 0), TopicPartition(src, 1)
+        assert loop.consumer.committed(tp1) == 10
+        assert loop.consumer.committed(tp0) is None, "the aborted batch's offsets were committed"
+        assert sorted(read_all(bootstrap, dst)) == sorted(r.value for r in second)
+    finally:
+        loop._close()
+
+
+class MarkerScorer:
+    """A real-shaped scorer pair whose model raises on one marker text, as a tokenizer or runtime would."""
+
+    model_id, dim = "marker-askllm@1", 4
+
+    def score(self, texts, batch_size=32):
+        if any("POISON-MODEL" in t for t in texts):
+            raise RuntimeError("the runtime failed on this input")
+        return np.full(len(texts), 0.5, dtype=np.float32)
+
+    def embed(self, texts, batch_size=32):
+        out = np.ones((len(texts), self.dim), dtype=np.float16)
+        if any("POISON-ENCODER" in t for t in texts):
+            out = out.astype(object)
+            out[[i for i, t in enumerate(texts) if "POISON-ENCODER" in t]] = "not a number"
+        return out
+
+
+def run_loop_until(loop: TransactionalLoop, done, timeout_s: float) -> None:
+    """Run `loop` on its own event loop thread until `done()` or the timeout, then stop it."""
+    stop_flag = threading.Event()
+
+    async def main():
+        stop = asyncio.Event()
+        task = asyncio.ensure_future(loop.run(stop))
+        while not stop_flag.is_set() and not task.done():
+            await asyncio.sleep(0.1)
+        stop.set()
+        await task
+
+    thread = threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline and thread.is_alive() and not done():
+            time.sleep(0.5)
+    finally:
+        stop_flag.set()
+        thread.join(60)
+    assert not thread.is_alive(), "the loop did not stop"
+
+
+def test_poison_records_go_to_the_dlq_alone_and_the_stage_never_stops(bootstrap, names):
+    from kafka.admin import KafkaAdminClient, NewTopic
+
+    from streamfilter.kafka_clients import SizeLimits
+    from streamfilter.records import decode_scored
+    from streamfilter.stages import ScoreTransform
+
+    raw, scored, dlq = names.topic("raw"), names.topic("scored"), names.topic("dlq")
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    admin.create_topics([NewTopic(t, num_partitions=3, replication_factor=1,
+                                  topic_configs={"max.message.bytes": str(16 * 1_048_576)}) for t in (raw, scored, dlq)])
+    admin.close()
+    config = loop_config(bootstrap, names, records={"max_doc_bytes": 65536}, batch={"max_batch_docs": 64},
+                         topics={"raw": raw, "scored": scored, "dlq": dlq})
+    cap = SizeLimits.of(config).dlq_value_bytes
+    huge = json.dumps({"id": "huge", "text": "x" * (5 * 1_048_576)}).encode()  # over the producer's limit whole
+    rng = random.Random(4)
+    good, poison = [], {}
+    for i in range(400):
+        good.append(json.dumps({"id": f"good-{i}", "text": f"Document {i} about the history of rivers."}).encode())
+    poison["model"] = [json.dumps({"id": f"pm-{i}", "text": f"POISON-MODEL {i}"}).encode() for i in range(5)]
+    poison["encoder"] = [json.dumps({"id": f"pe-{i}", "text": f"POISON-ENCODER {i}"}).encode() for i in range(3)]
+    poison["decoder"] = [b"\xc1 not msgpack, not json %d" % i for i in range(4)]
+    poison["huge"] = [huge]
+    values = good + [v for vs in poison.values() for v in vs]
+    rng.shuffle(values)
+    producer = KafkaProducer(bootstrap_servers=bootstrap, max_request_size=16 * 1_048_576)
+    for i, value in enumerate(values):
+        producer.send(raw, value=value, partition=i % 3)
+    producer.flush()
+    producer.close()
+
+    collector = OutputCollector(bootstrap, [scored, dlq])
+    loop = TransactionalLoop("score", config, raw, ScoreTransform(config, MarkerScorer(), MarkerScorer()))
+    run_loop_until(loop, lambda: collector.poll(200) >= len(values), timeout_s=120)
+    collector.wait_total(len(values), timeout_s=10)
+    collector.close()
+
+    ids = collections.Counter(decode_scored(r.value).document.id for r in collector.records[scored])
+    assert sorted(ids) == sorted(f"good-{i}" for i in range(400)) and max(ids.values()) == 1
+    dlq_records = collector.records[dlq]
+    reasons = {r.value if "sf-dlq-truncated" not in dict(r.headers) else dict(r.headers)["sf-dlq-original-sha256"]:
+               dict(r.headers)["sf-dlq-reason"].decode() for r in dlq_records}
+    assert len(dlq_records) == sum(len(vs) for vs in poison.values())
+    assert {reasons[v] for v in poison["model"]} == {"model_error"}
+    assert {reasons[v] for v in poison["encoder"]} == {"unencodable"}
+    assert {reasons[v] for v in poison["decoder"]} == {"undecodable"}
+    (entry,) = [r for r in dlq_records if "sf-dlq-truncated" in dict(r.headers)]
+    headers = dict(entry.headers)
+    assert headers["sf-dlq-reason"] == b"too_large" and entry.value == huge[:cap]
+    assert headers["sf-dlq-original-bytes"] == str(len(huge)).encode()
+    assert headers["sf-dlq-original-sha256"] == hashlib.sha256(huge).hexdigest().encode()
+    model_entry = next(r for r in dlq_records if r.value == poison["model"][0])
+    assert dict(model_entry.headers)["sf-dlq-error"] == b"RuntimeError"
