@@ -257,7 +257,11 @@ class ConsumerWatch:
             position = positions.get(tp)
             if position is None or end is None:
                 continue
-            metrics.CONSUMER_LAG.labels(stage, tp.topic, str(tp.partition)).set(max(0, end - position))
+            # Lag from the high watermark, not the stable end: records held back by an open upstream
+            # transaction are lag an operator must see (the no-progress alert reads it).
+            high = consumer.highwater(tp)
+            metrics.CONSUMER_LAG.labels(stage, tp.topic, str(tp.partition)).set(
+                max(0, (end if high is None else max(high, end)) - position))
             if position < end and tp not in skip:
                 behind[tp] = (position, end)
         if not behind:
