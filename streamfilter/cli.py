@@ -49,6 +49,16 @@ def _not_cancelled_refresh(record: logging.LogRecord) -> bool:
                 and isinstance(record.args[0], Cancelled))
 
 
+def _not_unstable_offsets(record: logging.LogRecord) -> bool:
+    """kafka-python logs "Unknown error fetching offsets ...: UnstableOffsetCommitError" at ERROR
+    while a read_committed consumer waits for a transaction's pending offsets, which it then
+    retries: the wait that makes a rewind exact after an aborted commit, not an error."""
+    from kafka.errors import UnstableOffsetCommitError
+
+    return not (record.msg.startswith("Unknown error fetching offsets") and record.args
+                and isinstance(record.args[-1], UnstableOffsetCommitError))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -58,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.log_level != "DEBUG":
         logging.getLogger("kafka").setLevel(logging.WARNING)  # kafka-python logs every connection at INFO
     logging.getLogger("kafka.cluster").addFilter(_not_cancelled_refresh)
+    logging.getLogger("kafka.coordinator.consumer").addFilter(_not_unstable_offsets)
     try:
         return int(args.handler(args) or 0)
     except UserError as exc:

@@ -139,7 +139,10 @@ class Config:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
 
     def kafka_client_settings(self) -> dict[str, typing.Any]:
-        return {"bootstrap_servers": self.kafka.bootstrap_servers.split(","), **self.kafka.client}
+        # kafka-python backs reconnects off up to 30 s, so a client could still be waiting that long
+        # after a broker came back; 1 s keeps recovery within seconds (kafka.reconnect_backoff_max_ms overrides).
+        return {"bootstrap_servers": self.kafka.bootstrap_servers.split(","), "reconnect_backoff_max_ms": 1000,
+                **self.kafka.client}
 
     def group(self, stage: str) -> str:
         return f"{self.kafka.group_prefix}.{stage}"

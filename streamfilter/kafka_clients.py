@@ -6,9 +6,10 @@ own loop (its snapshot is its checkpoint). Both build their clients here and wat
 
 **Timeouts that fit together.** A transaction must end before the broker times it out
 (`kafka.transaction_timeout_ms`), so a record's delivery timeout is at most two thirds of it
-and each request's at most a third; `init_transactions`, `send_offsets_to_transaction` and
-`commit/abort_transaction` wait at most the transaction timeout (kafka-python's own calls
-wait without a limit). A commit that times out is treated as failed: the producer is
+and each request's at most a third; `send_offsets_to_transaction` and
+`commit/abort_transaction` wait at most a third of it too (`txn_wait_ms`: kafka-python's own
+calls wait without a limit, and a wait that outlasts the broker's outage delays recovery by
+what is left of it). A commit that times out is treated as failed: the producer is
 replaced, and the new one's `init_transactions` waits until the broker has finished the old
 transaction (committed or aborted), so the rewind that follows reads settled offsets.
 
@@ -98,6 +99,11 @@ def producer_timeouts(config: Config) -> dict[str, int]:
     request = max(1_000, min(30_000, txn // 3))
     delivery = max(request + 1_000, txn * 2 // 3)
     return {"request_timeout_ms": request, "delivery_timeout_ms": delivery, "max_block_ms": max(5_000, txn // 2)}
+
+
+def txn_wait_ms(config: Config) -> int:
+    """How long a transaction's offset commit or end may take before it counts as failed."""
+    return max(5_000, config.kafka.transaction_timeout_ms // 3)
 
 
 def new_transactional_producer(config: Config, transactional_id: str):
@@ -246,7 +252,7 @@ class ConsumerWatch:
         if not assigned:
             return False
         try:
-            ends = consumer.end_offsets(assigned, timeout_ms=5_000)
+            ends = consumer.end_offsets(assigned, timeout_ms=3_000)
             positions = {tp: consumer.position(tp, timeout_ms=1_000) for tp in assigned}
         except Exception as exc:  # noqa: BLE001 - the broker is away: say so, the loops retry
             self.health.broker_failed(f"broker unreachable: {type(exc).__name__}: {exc}")

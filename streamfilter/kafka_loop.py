@@ -63,7 +63,7 @@ from streamfilter.config import Config
 from streamfilter.errors import InvalidDocument
 from streamfilter.kafka_clients import (
     Backoff, ConsumerWatch, SizeLimits, StageHealth, end_transaction, forget_lag, is_record_failure, new_consumer,
-    new_transactional_producer, pending_offsets, record_size, send_offsets,
+    new_transactional_producer, pending_offsets, record_size, send_offsets, txn_wait_ms,
 )
 from streamfilter.records import dlq_headers, dlq_value
 
@@ -193,7 +193,7 @@ class TransactionalLoop:
         self.on_commit = on_commit  # called on the producer thread after each committed batch
         self.dlq_topic = dlq_topic or config.topics.dlq  # where quarantined records go
         self.limits = SizeLimits.of(config)
-        self.txn_timeout_ms = config.kafka.transaction_timeout_ms
+        self.txn_wait_ms = txn_wait_ms(config)
         self.completed = False  # bounded runs: True once every partition's range is committed
         self.generation = 0
         self.rewind_needed = False
@@ -402,7 +402,7 @@ class TransactionalLoop:
     def _rewind(self) -> None:
         for tp in self.consumer.assignment():
             # Fetched as stable offsets (read_committed): waits while a transaction's offsets are pending.
-            committed = self.consumer.committed(tp, timeout_ms=self.txn_timeout_ms)
+            committed = self.consumer.committed(tp, timeout_ms=self.txn_wait_ms)
             if committed is not None:
                 self.consumer.seek(tp, committed)
             elif self.bounds is not None:
@@ -458,11 +458,11 @@ class TransactionalLoop:
                    for out in outputs]
         try:
             send_offsets(producer, batch.next_offsets(self.bounds.metadata if self.bounds else None),
-                         batch.group_metadata, self.txn_timeout_ms)
+                         batch.group_metadata, self.txn_wait_ms)
             if self.config.daemon.crash_before_commit and random.random() < self.config.daemon.crash_before_commit:
                 log.warning("%s: daemon.crash_before_commit: killing the process before commit", self.stage)
                 os.kill(os.getpid(), signal.SIGKILL)
-            end_transaction(producer, True, self.txn_timeout_ms)
+            end_transaction(producer, True, self.txn_wait_ms)
         except Exception as exc:
             refused = next((f.exception for f in futures if f.is_done and f.failed()
                             and is_record_failure(f.exception)), None)

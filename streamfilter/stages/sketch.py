@@ -206,6 +206,8 @@ class SketchAggregator:
         from kafka.structs import OffsetAndMetadata, TopicPartition
 
         try:
-            self.consumer.commit({TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()})
+            # Bounded: an unbounded commit held the aggregator for as long as the broker was away.
+            self.consumer.commit({TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()},
+                                 timeout_ms=2_000)
         except Exception as exc:  # noqa: BLE001 - informational only: the snapshot is the checkpoint
             log.debug("sketch: committing offsets for lag monitoring failed: %s", exc)
