@@ -250,6 +250,8 @@ def validate(config: Config) -> None:
     check(bool(config.kafka.instance_id.strip()), "kafka.instance_id", "must not be empty")
     for name in ("raw", "scored", "accepted", "dlq"):
         check(bool(getattr(config.topics, name).strip()), f"topics.{name}", "must not be empty")
+    check(3_000 <= config.kafka.transaction_timeout_ms <= 900_000, "kafka.transaction_timeout_ms",
+          "must be in [3000, 900000] (the broker's transaction.max.timeout.ms default caps it at 15 minutes)")
     check(config.topics.partitions >= 1, "topics.partitions", "must be >= 1")
     check(config.models.max_tokens >= 64, "models.max_tokens", "must be >= 64 (the prompt alone takes ~60 tokens)")
     check(config.models.variant in ("auto", "fp32", "int8"), "models.variant", "must be auto, fp32 or int8")

@@ -103,7 +103,8 @@ def producer_timeouts(config: Config) -> dict[str, int]:
 
 def txn_wait_ms(config: Config) -> int:
     """How long a transaction's offset commit or end may take before it counts as failed."""
-    return max(5_000, config.kafka.transaction_timeout_ms // 3)
+    txn = config.kafka.transaction_timeout_ms
+    return min(txn, max(5_000, txn // 3))
 
 
 def new_transactional_producer(config: Config, transactional_id: str):

@@ -132,3 +132,23 @@ def test_ready_turns_false_while_the_broker_is_stopped_and_true_after_it_restart
         assert daemon.terminate() == 0, daemon.log()[-3000:]
     finally:
         broker.stop()
+
+
+def test_an_output_topic_too_small_for_max_doc_bytes_stops_start_up_with_one_line(bootstrap, names, daemon_config):
+    """Start-up compares the topics with the limits the daemon derives from records.max_doc_bytes:
+    a DLQ that cannot hold a document's copy would refuse the very records that must go there."""
+    from kafka.admin import KafkaAdminClient, NewTopic
+
+    small_dlq = names.topic("small-dlq")
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    admin.create_topics([NewTopic(small_dlq, num_partitions=1, replication_factor=1,
+                                  topic_configs={"max.message.bytes": "200000"})])
+    admin.close()
+    config, _, _ = daemon_config(topics={"dlq": small_dlq}, records={"max_doc_bytes": 500_000})
+    done = subprocess.run([sys.executable, "-m", "streamfilter", "score", "--config", str(config)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, done.stderr[-2000:]
+    assert "topics.dlq" in errors[0] and small_dlq in errors[0] and "max.message.bytes is 200000" in errors[0]
+    assert "records.max_doc_bytes 500000" in errors[0]
