@@ -19,8 +19,9 @@ Failure model:
   and the rest of the batch goes on in the same transaction. Outputs are checked against the
   producer's limits before anything is sent. A transaction the producer or broker refuses for
   what it carries (a record too large, an invalid record) is split the same way, committing each
-  half on its own. If every record of a batch of `SYSTEMIC_MIN_DOCS` or more fails alone, the
-  stage itself is broken (not its input): nothing is quarantined and the batch is retried.
+  half on its own. If every record of a batch fails alone and so does the last record that
+  passed before (the canary), the stage itself is broken, not its input (a model that fails on
+  everything): nothing is quarantined and the batch is retried after a backoff.
 - **The broker's failures are retried**, with backoff and jitter, for as long as it takes. Any
   error in 3–5 aborts the transaction and **replaces the producer**: the new producer's
   init_transactions starts clean and waits until the broker has finished the old transaction,
@@ -69,9 +70,6 @@ from streamfilter.records import dlq_headers, dlq_value
 
 log = logging.getLogger(__name__)
 
-SYSTEMIC_MIN_DOCS = 4  # a batch at least this large whose every record fails alone: the stage is broken
-
-
 @dataclass(frozen=True)
 class Output:
     """One record to produce inside a micro-batch's transaction."""
@@ -110,6 +108,8 @@ class Outputs(list):
             headers = [(k, error.encode()) if k == "sf-dlq-error" else (k, v) for k, v in headers]
         self.count(metrics.DLQ, (stage, exc.reason))
         self.count(metrics.DOCUMENTS, (stage, "dlq"))
+        if exc.reason in metrics.QUARANTINE_REASONS:  # failed a step on its own, not invalid input
+            self.count(metrics.QUARANTINED, (stage, exc.reason))
         self.append(Output(topic, value, key=record.key, headers=headers + extra))
 
     def merge(self, other: "Outputs") -> "Outputs":
@@ -205,7 +205,7 @@ class TransactionalLoop:
         self._work_thread = ThreadPoolExecutor(1, thread_name_prefix=f"{stage}-work")
         self.consumer = None
         self.producer = None
-        self._last_failure = ""
+        self._canary = None  # the last input record the transform passed (tells a broken stage from bad input)
 
     # -- the loop ------------------------------------------------------------------
 
@@ -279,31 +279,45 @@ class TransactionalLoop:
 
     def transform_isolated(self, records: list) -> Outputs:
         """`transform(records)`, never failing for one record: see the module docstring."""
-        outputs, failed = self._isolate(records, top=True)
-        if failed and failed == len(records) and len(records) >= SYSTEMIC_MIN_DOCS:
-            raise StageFailure(f"every record of a batch of {len(records)} failed alone "
-                               f"(the last: {self._last_failure})")
+        outputs, failures = self._isolate(records, top=True)
+        if len(failures) == len(records) and self._canary is not None and self._canary_fails():
+            raise StageFailure(f"every record of a batch of {len(records)} failed, and so does one that passed "
+                               f"before ({failures[-1]})")
+        for failure in failures:
+            log.warning("%s: quarantined %s", self.stage, failure)
         return outputs
 
-    def _isolate(self, records: list, top: bool = False) -> tuple[Outputs, int]:
+    def _canary_fails(self) -> bool:
+        """Whether the last record that passed the transform fails now: then the stage is broken, not its input."""
+        try:
+            self._check_outputs(Outputs(self.transform([self._canary])))
+        except Exception:  # noqa: BLE001 - any failure says the same
+            return True
+        return False
+
+    def _isolate(self, records: list, top: bool = False) -> tuple[Outputs, list[str]]:
+        """Outputs for `records`, splitting them until each failing record is alone; and what failed."""
         try:
             outputs = self.transform(records)
             if not isinstance(outputs, Outputs):
                 outputs = Outputs(outputs)
             self._check_outputs(outputs)
-            return outputs, 0
+            self._canary = records[-1]
+            return outputs, []
         except Exception as exc:  # noqa: BLE001 - isolate the record that raises; the rest goes on
-            self._last_failure = f"{type(exc).__name__}: {exc}"
             if len(records) == 1:
-                return self._quarantine(records[0], exc), 1
+                record = records[0]
+                outputs = self._quarantine(record, exc)
+                return outputs, [f"{record.topic}/{record.partition}/{record.offset} to the DLQ "
+                                 f"({type(exc).__name__}: {exc})"]
             if top:
                 metrics.BATCH_RETRIES.labels(self.stage, "split").inc()
                 log.warning("%s: a batch of %d records failed (%s: %s); splitting it to isolate the record",
                             self.stage, len(records), type(exc).__name__, exc)
         mid = len(records) // 2
-        left, n_left = self._isolate(records[:mid])
-        right, n_right = self._isolate(records[mid:])
-        return left.merge(right), n_left + n_right
+        left, left_failures = self._isolate(records[:mid])
+        right, right_failures = self._isolate(records[mid:])
+        return left.merge(right), left_failures + right_failures
 
     def _check_outputs(self, outputs: Outputs) -> None:
         """Raise for an output the producer would refuse, so that its record is isolated before any send."""
@@ -316,19 +330,16 @@ class TransactionalLoop:
                 raise InvalidDocument("output_too_large", f"a {size}-byte record for {out.topic} exceeds the "
                                                           f"{limit}-byte limit (records.max_doc_bytes)")
 
-    def _quarantine(self, record, exc: Exception, cap_bytes: int | None = None) -> Outputs:
+    def _quarantine(self, record, exc: Exception) -> Outputs:
         """The DLQ entry of a record that failed alone."""
         if isinstance(exc, InvalidDocument):
             reason, detail = exc.reason, exc.detail
         else:
             reason, detail = "stage_error", f"{type(exc).__name__}: {exc}"
         cause = exc.__cause__ if isinstance(exc, InvalidDocument) and exc.__cause__ is not None else exc
-        log.warning("%s: quarantined %s/%d/%d to the DLQ (%s: %s)", self.stage, record.topic, record.partition,
-                    record.offset, reason, detail)
         outputs = Outputs()
         outputs.add_dlq(self.dlq_topic, self.stage, InvalidDocument(reason, detail), record,
-                        cap_bytes or self.limits.dlq_value_bytes, error=type(cause).__name__)
-        outputs.count(metrics.QUARANTINED, (self.stage, reason))
+                        self.limits.dlq_value_bytes, error=type(cause).__name__)
         return outputs
 
     # -- consumer thread -------------------------------------------------------------
@@ -476,8 +487,9 @@ class TransactionalLoop:
             record = batch.records[0]
             reason = "output_too_large" if "TooLarge" in type(exc).__name__ else "stage_error"
             # The DLQ copy is cut to records.max_doc_bytes, which every output topic was checked to hold.
-            outputs = self._quarantine(record, InvalidDocument(reason, f"{type(exc).__name__}: {exc}"),
-                                       cap_bytes=self.limits.max_doc_bytes)
+            outputs = self._quarantine(record, InvalidDocument(reason, f"{type(exc).__name__}: {exc}"))
+            log.warning("%s: quarantined %s/%d/%d to the DLQ (%s: %s)", self.stage, record.topic, record.partition,
+                        record.offset, type(exc).__name__, exc)
             try:
                 self._produce(batch, outputs)
             except Exception as again:  # noqa: BLE001 - even the DLQ entry failed: retried as a broker failure

@@ -85,7 +85,7 @@ QUARANTINED = Counter(
 BATCH_RETRIES = Counter(
     "streamfilter_batch_retries_total", "Micro-batches retried, by cause: broker (a Kafka failure; read again after "
     "a backoff), split (a non-broker failure; split in halves to find the culprit), stall (the consumer was "
-    "recreated), stage (every record failed alone: the stage itself is broken; read again after a backoff).", ["stage", "cause"], registry=REGISTRY)
+    "recreated), stage (every record failed alone, and so did one that passed before: the stage itself is broken; read again after a backoff).", ["stage", "cause"], registry=REGISTRY)
 
 # The label values the counters above are exported with from a stage's start (at 0), so that
 # rates and alerts see a series before the first increment (register_stage).

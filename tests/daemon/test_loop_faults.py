@@ -178,6 +178,12 @@ def test_poison_records_go_to_the_dlq_alone_and_the_stage_never_stops(bootstrap,
     producer.flush()
     producer.close()
 
+    from streamfilter import metrics
+
+    def quarantined(reason):
+        return metrics.QUARANTINED.labels("score", reason)._value.get()
+
+    before = {r: quarantined(r) for r in ("model_error", "unencodable")}
     collector = OutputCollector(bootstrap, [scored, dlq])
     loop = TransactionalLoop("score", config, raw, ScoreTransform(config, MarkerScorer(), MarkerScorer()))
     run_loop_until(loop, lambda: collector.poll(200) >= len(values), timeout_s=120)
@@ -200,3 +206,65 @@ def test_poison_records_go_to_the_dlq_alone_and_the_stage_never_stops(bootstrap,
     assert headers["sf-dlq-original-sha256"] == hashlib.sha256(huge).hexdigest().encode()
     model_entry = next(r for r in dlq_records if r.value == poison["model"][0])
     assert dict(model_entry.headers)["sf-dlq-error"] == b"RuntimeError"
+    # counted once each, when their transactions committed
+    assert {r: quarantined(r) - before[r] for r in before} == {"model_error": 5, "unencodable": 3}
+
+
+def test_a_model_that_fails_on_everything_quarantines_nothing_and_resumes_when_it_recovers(bootstrap, names):
+    """A broken stage is not bad input: while the model fails on every document (and on one it
+    scored before), nothing goes to the DLQ; /ready says why; once it recovers, all are scored."""
+    from kafka.admin import KafkaAdminClient, NewTopic
+
+    from streamfilter import metrics
+    from streamfilter.records import decode_scored
+    from streamfilter.stages import ScoreTransform
+
+    raw, scored, dlq = names.topic("raw"), names.topic("scored"), names.topic("dlq")
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    admin.create_topics([NewTopic(t, num_partitions=2, replication_factor=1) for t in (raw, scored, dlq)])
+    admin.close()
+    config = loop_config(bootstrap, names, batch={"max_batch_docs": 16}, topics={"raw": raw, "scored": scored, "dlq": dlq})
+
+    class Flaky(MarkerScorer):
+        broken = False
+
+        def score(self, texts, batch_size=32):
+            if self.broken:
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+            return super().score(texts, batch_size)
+
+    model = Flaky()
+
+    def send(first: int, n: int) -> None:
+        producer = KafkaProducer(bootstrap_servers=bootstrap)
+        for i in range(first, first + n):
+            producer.send(raw, json.dumps({"id": f"d{i}", "text": f"Document {i} on glaciers."}).encode())
+        producer.flush()
+        producer.close()
+
+    collector = OutputCollector(bootstrap, [scored, dlq])
+    loop = TransactionalLoop("score", config, raw, ScoreTransform(config, model, MarkerScorer()))
+    seen_reason = []
+
+    def done() -> bool:
+        total = collector.poll(200)
+        if total >= 20 and not model.broken and not seen_reason:
+            model.broken = True
+            send(20, 30)
+        elif model.broken:
+            ready, reason = metrics.READINESS.status()["score"]
+            if not ready and "failing" in reason:
+                seen_reason.append(reason)
+                time.sleep(2)  # a few more retries while broken
+                assert not collector.records[dlq], "documents quarantined while the stage was broken"
+                model.broken = False
+        return len(collector.records[scored]) >= 50
+
+    send(0, 20)
+    run_loop_until(loop, done, timeout_s=120)
+    collector.wait_total(50, timeout_s=10)
+    collector.close()
+    assert seen_reason and "CUDA error" in seen_reason[0]
+    assert not collector.records[dlq]
+    ids = collections.Counter(decode_scored(r.value).document.id for r in collector.records[scored])
+    assert sorted(ids) == sorted(f"d{i}" for i in range(50)) and max(ids.values()) == 1
