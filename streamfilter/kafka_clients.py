@@ -7,9 +7,10 @@ own loop (its snapshot is its checkpoint). Both build their clients here and wat
 **Timeouts that fit together.** A transaction must end before the broker times it out
 (`kafka.transaction_timeout_ms`), so a record's delivery timeout is at most two thirds of it
 and each request's at most a third; `send_offsets_to_transaction` and
-`commit/abort_transaction` wait at most a third of it too (`txn_wait_ms`: kafka-python's own
-calls wait without a limit, and a wait that outlasts the broker's outage delays recovery by
-what is left of it). A commit that times out is treated as failed: the producer is
+`commit/abort_transaction` wait a third of it, at least 5 s and never longer than it
+(`txn_wait_ms`: kafka-python's own calls wait without a limit, and a wait that outlasts the
+broker's outage delays recovery by what is left of it). Reconnects back off at most 1 s
+(`Config.kafka_client_settings`). A commit that times out is treated as failed: the producer is
 replaced, and the new one's `init_transactions` waits until the broker has finished the old
 transaction (committed or aborted), so the rewind that follows reads settled offsets.
 

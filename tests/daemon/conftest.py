@@ -127,8 +127,9 @@ def to_toml(data: dict) -> str:
 def start_daemon(tmp_path):
     started: list[Daemon] = []
 
-    def start(config_path: Path, command: str = "run", name: str = "daemon") -> Daemon:
-        d = Daemon(config_path, tmp_path / f"{name}.log").start(command)
+    def start(config_path: Path, command: str = "run", name: str = "daemon", *extra: str) -> Daemon:
+        """Start `streamfilter COMMAND --config CONFIG [EXTRA...]`, logging to tmp_path/NAME.log."""
+        d = Daemon(config_path, tmp_path / f"{name}.log").start(command, *extra)
         started.append(d)
         return d
 
@@ -137,6 +138,17 @@ def start_daemon(tmp_path):
         if d.alive():
             d.proc.kill()
             d.proc.wait(30)
+
+
+@pytest.fixture
+def own_broker(tmp_path):
+    """A private broker for one test (to stop, kill and restart), stopped at the end."""
+    from streamfilter.broker import KafkaBroker
+
+    broker = KafkaBroker(tmp_path / "own-broker", port=free_port())
+    broker.start()
+    yield broker
+    broker.stop()
 
 
 def sample_documents(n: int, seed: int = 0) -> list[dict]:

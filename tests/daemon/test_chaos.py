@@ -19,7 +19,7 @@ import msgpack
 import pytest
 from kafka import KafkaConsumer
 
-from streamfilter.broker import KafkaBroker, free_port
+from streamfilter.broker import free_port
 from streamfilter.density.snapshot import SnapshotStore
 
 from .conftest import (
@@ -30,23 +30,6 @@ from .test_run import encode
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
 CRASH_MARK = "daemon.crash_before_commit: killing the process"
-
-
-@pytest.fixture
-def spawn(tmp_path):
-    """Start a stage process with extra CLI args (e.g. `--set daemon.crash_before_commit=0.05`)."""
-    started: list[Daemon] = []
-
-    def start(config_path: Path, command: str, name: str, *extra: str) -> Daemon:
-        d = Daemon(config_path, tmp_path / f"{name}.log").start(command, *extra)
-        started.append(d)
-        return d
-
-    yield start
-    for d in started:
-        if d.alive():
-            d.proc.kill()
-            d.proc.wait(30)
 
 
 def logs_tail(tmp_path: Path, chars: int = 2500) -> str:
@@ -193,119 +176,108 @@ class Feeder:
         return False
 
 
-def test_run_survives_kills_before_commit_broker_restart_and_rebalances(tmp_path, names, daemon_config, spawn):
-    broker = KafkaBroker(tmp_path / "own-broker", port=free_port())
+def test_run_survives_kills_before_commit_broker_restart_and_rebalances(tmp_path, names, daemon_config, start_daemon,
+                                                                       own_broker):
+    broker = own_broker
+    config, topics, snapshots = daemon_config(bootstrap_servers=broker.bootstrap,
+                                              route={"min_snapshot_docs": 1}, batch={"max_batch_docs": 48},
+                                              daemon={"retry_backoff_max_s": 2})
+    docs = sample_documents(2000, seed=21)
+    bad = malformed_values(48)
+    values = [encode(d, i) for i, d in enumerate(docs)] + bad
+    random.Random(22).shuffle(values)
+    feeder = Feeder(broker.bootstrap, topics["raw"], values)
+    outputs = [topics["accepted"], topics["rejected"], topics["dlq"]]
+    rng = random.Random(23)
+    collector = OutputCollector(broker.bootstrap, outputs)
+    t0 = time.monotonic()
+
+    def alive_or_fail(d: Daemon) -> None:
+        assert d.alive(), f"{d.log_path.name} exited ({d.proc.returncode})\n" + logs_tail(tmp_path)
+
+    def phase(name: str) -> None:
+        print(f"{time.monotonic() - t0:6.1f}s {name}: {collector.total} outputs visible, {feeder.sent} fed")
+
+    # 1) SIGKILLs at random moments while a backlog is processed
+    for k, backlog in enumerate((350, 250, 250)):
+        d = start_daemon(config, "run", f"kill-{k}")
+        d.wait_ready("score")  # route waits for a first snapshot, i.e. for documents
+        feeder.feed(backlog)
+        poll_for(collector, rng.uniform(0.3, 2.5))
+        alive_or_fail(d)
+        d.kill()
+        phase(f"SIGKILL {k}")
+
+    # 2) a process that kills itself between send_offsets_to_transaction and commit_transaction
+    d = start_daemon(config, "run", "crash-before-commit", "--set", "daemon.crash_before_commit=0.5")
+    assert feeder.feed_until_dead(d, collector, chunk=100, keep=750, timeout_s=180), (
+        f"crash_before_commit=0.5 never fired\n{transactions(d)}\n" + logs_tail(tmp_path))
+    assert d.proc.returncode == -9 and CRASH_MARK in d.log(), logs_tail(tmp_path)
+    phase("crash before commit")
+
+    # 3) a foreign member joins and leaves the score group while the daemon commits (twice); then a SIGKILL
+    d = start_daemon(config, "run", "rebalance")
+    d.wait_ready("score", "route")
+    for _ in range(2):
+        feeder.feed(150)
+        poll_for(collector, 0.5)
+        assigned = join_and_leave(broker.bootstrap, f"{names.prefix}.score", topics["raw"])
+        assert assigned, "the foreign consumer never got a partition of the score group"
+        alive_or_fail(d)
+    poll_for(collector, rng.uniform(0.5, 2))
+    d.kill()
+    phase("rebalances, then SIGKILL")
+
+    # 4) the broker stops and restarts while the daemon works through a backlog
+    feeder.feed(feeder.left - 150)
+    d = start_daemon(config, "run", "broker-restart")
+    d.wait_ready("score", "route")
+    poll_for(collector, rng.uniform(1, 3))
+    alive_or_fail(d)
+    collector.close()
+    phase("broker stop")
+    stopped_ms = time.time() * 1000
+    broker.stop()
+    time.sleep(6)
+    alive_or_fail(d)
     broker.start()
-    try:
-        config, topics, snapshots = daemon_config(bootstrap_servers=broker.bootstrap,
-                                                  route={"min_snapshot_docs": 1}, batch={"max_batch_docs": 48},
-                                                  daemon={"retry_backoff_max_s": 2})
-        docs = sample_documents(2000, seed=21)
-        bad = malformed_values(48)
-        values = [encode(d, i) for i, d in enumerate(docs)] + bad
-        random.Random(22).shuffle(values)
-        feeder = Feeder(broker.bootstrap, topics["raw"], values)
-        outputs = [topics["accepted"], topics["rejected"], topics["dlq"]]
-        rng = random.Random(23)
-        collector = OutputCollector(broker.bootstrap, outputs)
-        t0 = time.monotonic()
-
-        def alive_or_fail(d: Daemon) -> None:
-            assert d.alive(), f"{d.log_path.name} exited ({d.proc.returncode})\n" + logs_tail(tmp_path)
-
-        def phase(name: str) -> None:
-            print(f"{time.monotonic() - t0:6.1f}s {name}: {collector.total} outputs visible, {feeder.sent} fed")
-
-        # 1) SIGKILLs at random moments while a backlog is processed
-        for k, backlog in enumerate((350, 250, 250)):
-            d = spawn(config, "run", f"kill-{k}")
-            d.wait_ready("score")  # route waits for a first snapshot, i.e. for documents
-            feeder.feed(backlog)
-            poll_for(collector, rng.uniform(0.3, 2.5))
-            alive_or_fail(d)
-            d.kill()
-            phase(f"SIGKILL {k}")
-
-        # 2) a process that kills itself between send_offsets_to_transaction and commit_transaction
-        d = spawn(config, "run", "crash-before-commit", "--set", "daemon.crash_before_commit=0.1")
-        assert feeder.feed_until_dead(d, collector, chunk=100, keep=750, timeout_s=180), (
-            f"crash_before_commit=0.1 never fired\n{transactions(d)}\n" + logs_tail(tmp_path))
-        assert d.proc.returncode == -9 and CRASH_MARK in d.log(), logs_tail(tmp_path)
-        phase("crash before commit")
-
-        # 3) a foreign member joins and leaves the score group while the daemon commits (twice); then a SIGKILL
-        d = spawn(config, "run", "rebalance")
-        d.wait_ready("score", "route")
-        for _ in range(2):
-            feeder.feed(150)
-            poll_for(collector, 0.5)
-            assigned = join_and_leave(broker.bootstrap, f"{names.prefix}.score", topics["raw"])
-            assert assigned, "the foreign consumer never got a partition of the score group"
-            alive_or_fail(d)
-        poll_for(collector, rng.uniform(0.5, 2))
-        d.kill()
-        phase("rebalances, then SIGKILL")
-
-        # 4) the broker stops and restarts while the daemon works through a backlog
-        feeder.feed(feeder.left - 150)
-        d = spawn(config, "run", "broker-restart")
-        d.wait_ready("score", "route")
-        poll_for(collector, rng.uniform(1, 3))
+    restarted = time.monotonic()
+    feeder.feed(feeder.left)
+    collector = OutputCollector(broker.bootstrap, outputs)
+    recovery = None
+    while recovery is None and time.monotonic() - restarted < 120:
+        collector.poll(200)
+        # new output: a record created after the broker stopped
+        if any(r.timestamp > stopped_ms for rs in collector.records.values() for r in rs):
+            recovery = time.monotonic() - restarted
         alive_or_fail(d)
-        collector.close()
-        phase("broker stop")
-        stopped_ms = time.time() * 1000
-        broker.stop()
-        time.sleep(6)
-        alive_or_fail(d)
-        broker.start()
-        restarted = time.monotonic()
-        feeder.feed(feeder.left)
-        collector = OutputCollector(broker.bootstrap, outputs)
-        recovery = None
-        while recovery is None and time.monotonic() - restarted < 120:
-            collector.poll(200)
-            # new output: a record created after the broker stopped
-            if any(r.timestamp > stopped_ms for rs in collector.records.values() for r in rs):
-                recovery = time.monotonic() - restarted
-            alive_or_fail(d)
-        print(f"recovery: first new output {recovery}s after broker.start() returned")
-        assert recovery is not None and recovery < 60, (f"no new output within 60 s of the broker's return "
-                                                        f"({recovery})\n" + logs_tail(tmp_path))
-        poll_for(collector, rng.uniform(0.5, 2))
-        alive_or_fail(d)
-        d.kill()
-        phase("SIGKILL after the broker restart")
+    print(f"recovery: first new output {recovery}s after broker.start() returned")
+    assert recovery is not None and recovery < 60, (f"no new output within 60 s of the broker's return "
+                                                    f"({recovery})\n" + logs_tail(tmp_path))
+    poll_for(collector, rng.uniform(0.5, 2))
+    alive_or_fail(d)
+    d.kill()
+    phase("SIGKILL after the broker restart")
 
-        # 5) a clean daemon drains everything
-        d = spawn(config, "run", "final")
-        collector.wait_total(len(values), timeout_s=300, alive=d.alive)
-        phase("drained")
-        store = SnapshotStore(snapshots)
-        wait_counted(store, len(docs), tmp_path)
-        assert d.terminate() == 0, logs_tail(tmp_path)
-        check_exactly_once(collector, topics, docs, bad, tmp_path)
-        check_scored_once(broker.bootstrap, topics["scored"], docs, tmp_path)
-        latest = store.latest()
-        assert latest.doc_count == len(docs), (f"the sketch counted {latest.doc_count} of {len(docs)} documents\n"
-                                               + logs_tail(tmp_path))
-        collector.close()
-    finally:
-        broker.stop()
+    # 5) a clean daemon drains everything
+    d = start_daemon(config, "run", "final")
+    collector.wait_total(len(values), timeout_s=300, alive=d.alive)
+    phase("drained")
+    store = SnapshotStore(snapshots)
+    wait_counted(store, len(docs), tmp_path)
+    assert d.terminate() == 0, logs_tail(tmp_path)
+    check_exactly_once(collector, topics, docs, bad, tmp_path)
+    check_scored_once(broker.bootstrap, topics["scored"], docs, tmp_path)
+    latest = store.latest()
+    assert latest.doc_count == len(docs), (f"the sketch counted {latest.doc_count} of {len(docs)} documents\n"
+                                           + logs_tail(tmp_path))
+    collector.close()
 
 
-def test_scaled_out_stages_exactly_once_under_kills(tmp_path, daemon_config, spawn):
+def test_scaled_out_stages_exactly_once_under_kills(tmp_path, daemon_config, start_daemon, own_broker):
     """As reported: two scorers in one group, one SIGKILLed and restarted three times, the broker
     SIGKILLed once; about 3% of the documents were committed twice to the scored topic."""
-    broker = KafkaBroker(tmp_path / "own-broker", port=free_port())
-    broker.start()
-    try:
-        _scaled_out_under_kills(tmp_path, broker, daemon_config, spawn)
-    finally:
-        broker.stop()
-
-
-def _scaled_out_under_kills(tmp_path, broker, daemon_config, spawn):
+    broker = own_broker
     bootstrap = broker.bootstrap
     config, topics, snapshots = daemon_config(bootstrap_servers=bootstrap, route={"min_snapshot_docs": 1},
                                               batch={"max_batch_docs": 40}, daemon={"retry_backoff_max_s": 2})
@@ -324,9 +296,9 @@ def _scaled_out_under_kills(tmp_path, broker, daemon_config, spawn):
         print(f"{time.monotonic() - t0:6.1f}s {name}: {collector.total} outputs visible, {feeder.sent} fed")
 
     feeder.feed(300)
-    s2 = spawn(configs["s2"], "score", "score-s2")
-    sketch = spawn(configs["sketch"], "sketch", "sketch")
-    route = spawn(configs["route"], "route", "route")
+    s2 = start_daemon(configs["s2"], "score", "score-s2")
+    sketch = start_daemon(configs["sketch"], "sketch", "sketch")
+    route = start_daemon(configs["route"], "route", "route")
 
     def others_alive() -> None:
         for p in (s2, sketch, route):
@@ -334,7 +306,7 @@ def _scaled_out_under_kills(tmp_path, broker, daemon_config, spawn):
 
     # scorer s1: three SIGKILLs at random moments, then a start that kills itself before a commit
     for k in range(3):
-        s1 = spawn(configs["s1"], "score", f"score-s1-{k}")
+        s1 = start_daemon(configs["s1"], "score", f"score-s1-{k}")
         s1.wait_ready("score")
         if k == 0:
             s2.wait_ready("score")
@@ -345,7 +317,7 @@ def _scaled_out_under_kills(tmp_path, broker, daemon_config, spawn):
         s1.kill()
         phase(f"SIGKILL s1 {k}")
         if k == 1:  # the broker SIGKILLed while s2 (and the restarting s1) hold transactions open
-            s1 = spawn(configs["s1"], "score", "score-s1-broker-kill")
+            s1 = start_daemon(configs["s1"], "score", "score-s1-broker-kill")
             s1.wait_ready("score")
             feeder.feed(200)
             poll_for(collector, rng.uniform(0.3, 1.5))
@@ -359,15 +331,15 @@ def _scaled_out_under_kills(tmp_path, broker, daemon_config, spawn):
             others_alive()
             assert s1.alive(), logs_tail(tmp_path)
             s1.kill()
-    s1 = spawn(configs["s1"], "score", "score-s1-crash", "--set", "daemon.crash_before_commit=0.2")
+    s1 = start_daemon(configs["s1"], "score", "score-s1-crash", "--set", "daemon.crash_before_commit=1")
     assert feeder.feed_until_dead(s1, collector, chunk=80, keep=200, timeout_s=180), (
-        f"crash_before_commit=0.2 never fired\n{transactions(s1)}\n" + logs_tail(tmp_path))
+        f"crash_before_commit=1 never fired\n{transactions(s1)}\n" + logs_tail(tmp_path))
     assert s1.proc.returncode == -9 and CRASH_MARK in s1.log(), logs_tail(tmp_path)
     others_alive()
     phase("s1 crashed before commit")
 
     # a clean s1 again; everything drains
-    s1 = spawn(configs["s1"], "score", "score-s1-final")
+    s1 = start_daemon(configs["s1"], "score", "score-s1-final")
     feeder.feed(feeder.left)
     collector.wait_total(len(values), timeout_s=300, alive=lambda: s1.alive() and s2.alive() and route.alive())
     phase("drained")

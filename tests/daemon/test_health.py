@@ -19,7 +19,7 @@ import urllib.request
 
 import pytest
 
-from streamfilter.broker import KafkaBroker, free_port
+from streamfilter.broker import free_port
 
 from .conftest import produce, sample_documents, wait_for
 
@@ -98,40 +98,36 @@ def test_a_taken_metrics_port_fails_fast_with_one_line(daemon_config, tmp_path):
 
 
 def test_ready_turns_false_while_the_broker_is_stopped_and_true_after_it_restarts(tmp_path, daemon_config,
-                                                                                  start_daemon):
-    broker = KafkaBroker(tmp_path / "own-broker", port=free_port())
+                                                                                  start_daemon, own_broker):
+    broker = own_broker
+    config, topics, _ = daemon_config(bootstrap_servers=broker.bootstrap,
+                                      policy={"name": "random", "keep_rate": 0.5},
+                                      daemon={"retry_backoff_max_s": 2})
+    port = metrics_port(config)
+    # a few documents, so the sketch writes a snapshot and route becomes ready
+    produce(broker.bootstrap, topics["raw"], [json.dumps(d).encode() for d in sample_documents(40, seed=7)])
+    daemon = start_daemon(config)
+    daemon.wait_ready(*STAGES)
+    assert get(port, "/ready")[0] == 200
+
+    broker.stop()
+    last: list[tuple[int, str]] = [(0, "")]
+
+    def not_ready() -> bool:
+        assert daemon.alive(), daemon.log()[-3000:]
+        last[0] = get(port, "/ready")
+        return last[0][0] == 503
+
+    wait_for(not_ready, 90, interval_s=0.5, message="/ready to turn 503 while the broker is stopped")
+    status, body = last[0]
+    assert any(line.startswith(f"{stage} not ready: ") and line.split(": ", 1)[1].strip()
+               for stage in STAGES for line in body.splitlines()), body
+    assert get(port, "/live")[0] == 200
+
     broker.start()
-    try:
-        config, topics, _ = daemon_config(bootstrap_servers=broker.bootstrap,
-                                          policy={"name": "random", "keep_rate": 0.5},
-                                          daemon={"retry_backoff_max_s": 2})
-        port = metrics_port(config)
-        # a few documents, so the sketch writes a snapshot and route becomes ready
-        produce(broker.bootstrap, topics["raw"], [json.dumps(d).encode() for d in sample_documents(40, seed=7)])
-        daemon = start_daemon(config)
-        daemon.wait_ready(*STAGES)
-        assert get(port, "/ready")[0] == 200
-
-        broker.stop()
-        last: list[tuple[int, str]] = [(0, "")]
-
-        def not_ready() -> bool:
-            assert daemon.alive(), daemon.log()[-3000:]
-            last[0] = get(port, "/ready")
-            return last[0][0] == 503
-
-        wait_for(not_ready, 90, interval_s=0.5, message="/ready to turn 503 while the broker is stopped")
-        status, body = last[0]
-        assert any(line.startswith(f"{stage} not ready: ") and line.split(": ", 1)[1].strip()
-                   for stage in STAGES for line in body.splitlines()), body
-        assert get(port, "/live")[0] == 200
-
-        broker.start()
-        daemon.wait_ready(*STAGES, timeout_s=180)
-        assert get(port, "/ready")[0] == 200
-        assert daemon.terminate() == 0, daemon.log()[-3000:]
-    finally:
-        broker.stop()
+    daemon.wait_ready(*STAGES, timeout_s=180)
+    assert get(port, "/ready")[0] == 200
+    assert daemon.terminate() == 0, daemon.log()[-3000:]
 
 
 def test_an_output_topic_too_small_for_max_doc_bytes_stops_start_up_with_one_line(bootstrap, names, daemon_config):

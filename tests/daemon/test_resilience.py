@@ -13,7 +13,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from streamfilter.broker import KafkaBroker, free_port
 from streamfilter.records import REASONS
 
 from .conftest import OutputCollector, produce, sample_documents
@@ -85,33 +84,29 @@ def test_kcat_documents_are_filtered_and_kcat_reads_the_accepted_topic(bootstrap
     assert daemon.terminate() == 0
 
 
-def test_broker_stopped_and_restarted_mid_stream_loses_nothing(tmp_path, names, daemon_config, start_daemon):
-    broker = KafkaBroker(tmp_path / "own-broker", port=free_port())
+def test_broker_stopped_and_restarted_mid_stream_loses_nothing(daemon_config, start_daemon, own_broker):
+    broker = own_broker
+    config, topics, _ = daemon_config(bootstrap_servers=broker.bootstrap,
+                                      policy={"name": "random", "keep_rate": 0.5},
+                                      daemon={"retry_backoff_max_s": 2})
+    docs = sample_documents(1200, seed=5)
+    values = [json.dumps(d).encode() for d in docs]
+    produce(broker.bootstrap, topics["raw"], values[:600])
+    daemon = start_daemon(config)
+    daemon.wait_ready("score", "route")
+    collector = OutputCollector(broker.bootstrap, [topics["accepted"], topics["rejected"], topics["dlq"]])
+    collector.wait_total(300, timeout_s=180, alive=daemon.alive)  # mid-stream
+    collector.close()
+    broker.stop()
+    time.sleep(8)  # the daemon keeps retrying meanwhile
+    assert daemon.alive(), daemon.log()[-3000:]
     broker.start()
-    try:
-        config, topics, _ = daemon_config(bootstrap_servers=broker.bootstrap,
-                                          policy={"name": "random", "keep_rate": 0.5},
-                                          daemon={"retry_backoff_max_s": 2})
-        docs = sample_documents(1200, seed=5)
-        values = [json.dumps(d).encode() for d in docs]
-        produce(broker.bootstrap, topics["raw"], values[:600])
-        daemon = start_daemon(config)
-        daemon.wait_ready("score", "route")
-        collector = OutputCollector(broker.bootstrap, [topics["accepted"], topics["rejected"], topics["dlq"]])
-        collector.wait_total(300, timeout_s=180, alive=daemon.alive)  # mid-stream
-        collector.close()
-        broker.stop()
-        time.sleep(8)  # the daemon keeps retrying meanwhile
-        assert daemon.alive(), daemon.log()[-3000:]
-        broker.start()
-        produce(broker.bootstrap, topics["raw"], values[600:])
-        collector = OutputCollector(broker.bootstrap, [topics["accepted"], topics["rejected"], topics["dlq"]])
-        collector.wait_total(len(docs), timeout_s=240, alive=daemon.alive)
-        ids = [msgpack.unpackb(r.value)["id"] for t in ("accepted", "rejected") for r in collector.records[topics[t]]]
-        counts = collections.Counter(ids)
-        assert sorted(counts) == sorted(d["id"] for d in docs)
-        assert max(counts.values()) == 1
-        assert daemon.terminate() == 0
-        collector.close()
-    finally:
-        broker.stop()
+    produce(broker.bootstrap, topics["raw"], values[600:])
+    collector = OutputCollector(broker.bootstrap, [topics["accepted"], topics["rejected"], topics["dlq"]])
+    collector.wait_total(len(docs), timeout_s=240, alive=daemon.alive)
+    ids = [msgpack.unpackb(r.value)["id"] for t in ("accepted", "rejected") for r in collector.records[topics[t]]]
+    counts = collections.Counter(ids)
+    assert sorted(counts) == sorted(d["id"] for d in docs)
+    assert max(counts.values()) == 1
+    assert daemon.terminate() == 0
+    collector.close()
