@@ -58,3 +58,16 @@ def test_backoff_grows_to_its_cap_with_jitter():
     assert len(set(round(d, 6) for d in delays[-5:])) == 5  # jittered, not in lock-step
     backoff.reset()
     assert backoff.next() <= 0.2
+
+
+def test_the_kafka_python_internals_the_layer_relies_on_exist():
+    """`pending_offsets`, `end_transaction` and `send_offsets` reach into kafka-python (pinned in
+    pyproject.toml): an upgrade that renames these fails here, not silently in production."""
+    from kafka.producer.kafka import KafkaProducer
+    from kafka.producer.transaction_manager import TransactionalRequestResult, TransactionManager
+
+    assert "_pending_txn_offset_commits" in TransactionManager.__init__.__code__.co_names
+    for method in ("begin_commit", "begin_abort", "send_offsets_to_transaction"):
+        assert callable(getattr(TransactionManager, method))
+    assert "timeout_ms" in TransactionalRequestResult.wait.__code__.co_varnames
+    assert {"_transaction_manager", "_sender"} <= set(KafkaProducer.__init__.__code__.co_names)
