@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import time
 
+import numpy as np
+
 from streamfilter import metrics
 from streamfilter.config import Config
 from streamfilter.errors import InvalidDocument
@@ -58,8 +60,17 @@ class ScoreTransform:
                 add_dlq_output(outputs, self.config, self.stage, exc, record)
         if good:
             scores, embeddings, nlls = self._infer([doc.text for _, doc in good])
+            # A model can fail silently on one document (an fp16 overflow): NaN or inf never leaves this stage.
+            finite = np.isfinite(np.asarray(scores, dtype=np.float64))
+            if np.issubdtype(embeddings.dtype, np.floating):  # anything else fails to encode, record by record
+                finite &= np.isfinite(embeddings).all(axis=1)
             scored_topic, scored = self.config.topics.scored, 0
-            for (record, doc), score, embedding, nll in zip(good, scores.tolist(), embeddings, nlls):
+            for (record, doc), score, embedding, nll, ok in zip(good, scores.tolist(), embeddings, nlls, finite):
+                if not ok:
+                    add_dlq_output(outputs, self.config, self.stage,
+                                   InvalidDocument("model_error", "the models gave a non-finite score or embedding"),
+                                   record)
+                    continue
                 record_out = ScoredRecord(doc, score, embedding, self.scorer.model_id, self.embedder.model_id,
                                           (record.topic, record.partition, record.offset), perplexity=nll,
                                           perplexity_model=self.perplexity.model_id if self.perplexity else None)

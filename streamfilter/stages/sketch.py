@@ -158,6 +158,7 @@ class SketchAggregator:
             return
         metrics.INPUT_DOCUMENTS.labels(self.stage).inc(len(records))
         ids, embeddings, askllm, coords, nll = [], [], [], [], []
+        dim = self.state.sketch.projections.shape[0] if self.state is not None else None
         for record in records:
             try:
                 scored = decode_scored(record.value)
@@ -166,10 +167,13 @@ class SketchAggregator:
                 log.warning("sketch: skipping %s/%d/%d: %s", record.topic, record.partition, record.offset, exc)
                 metrics.DOCUMENTS.labels(self.stage, "skipped").inc()
                 continue
-            dim = self.state.sketch.projections.shape[0] if self.state is not None else (len(embeddings[0]) if embeddings else None)
-            if dim is not None and scored.embedding.shape[0] != dim:
-                log.warning("sketch: skipping %s/%d/%d: a %d-dimensional embedding in a %d-dimensional sketch",
-                            record.topic, record.partition, record.offset, scored.embedding.shape[0], dim)
+            if dim is None:
+                dim = scored.embedding.shape[0]
+            problem = (f"a {scored.embedding.shape[0]}-dimensional embedding in a {dim}-dimensional sketch"
+                       if scored.embedding.shape[0] != dim else
+                       "a non-finite embedding" if not np.isfinite(scored.embedding).all() else None)
+            if problem:  # one record must not stop the aggregator: skipped, like an undecodable one
+                log.warning("sketch: skipping %s/%d/%d: %s", record.topic, record.partition, record.offset, problem)
                 metrics.DOCUMENTS.labels(self.stage, "skipped").inc()
                 continue
             ids.append(scored.document.id)
