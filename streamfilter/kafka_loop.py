@@ -103,9 +103,7 @@ class Outputs(list):
         """The DLQ entry for input `record`: its original bytes (at most `cap_bytes`, else a prefix with
         the original's size and sha256 in headers) and the reason headers; counted on commit."""
         value, extra = dlq_value(record.value, cap_bytes)
-        headers = dlq_headers(exc, stage, record.topic, record.partition, record.offset)
-        if error is not None:
-            headers = [(k, error.encode()) if k == "sf-dlq-error" else (k, v) for k, v in headers]
+        headers = dlq_headers(exc, stage, record.topic, record.partition, record.offset, error)
         self.count(metrics.DLQ, (stage, exc.reason))
         self.count(metrics.DOCUMENTS, (stage, "dlq"))
         if exc.reason in metrics.QUARANTINE_REASONS:  # failed a step on its own, not invalid input
@@ -426,9 +424,10 @@ class TransactionalLoop:
 
     # -- producer thread ---------------------------------------------------------------
 
-    def _commit(self, batch: Batch, outputs: list[Output]) -> bool:
+    def _commit(self, batch: Batch, outputs: list[Output], splittable: bool = True) -> bool:
         """Steps 3–5 of the checkpoint. True when committed (or dropped after a rebalance); False when
-        the broker failed it (to be read again after a backoff)."""
+        the broker failed it (to be read again after a backoff). A transaction refused for what it
+        carries is split (`_commit_split`) unless `splittable` is False (a quarantine entry itself)."""
         if batch.generation != self.generation:
             metrics.BATCHES_DROPPED.labels(self.stage, "rebalance").inc()
             log.info("%s: dropping a batch of %d read before a rebalance", self.stage, len(batch.records))
@@ -438,7 +437,7 @@ class TransactionalLoop:
         except Exception as exc:  # noqa: BLE001 - every failure aborts the batch and replaces the producer
             metrics.TRANSACTIONS.labels(self.stage, "abort").inc()
             self._replace_producer()
-            if is_record_failure(exc):
+            if splittable and is_record_failure(exc):
                 return self._commit_split(batch, exc)
             metrics.RETRIES.labels(self.stage).inc()
             metrics.BATCH_RETRIES.labels(self.stage, "broker").inc()
@@ -486,23 +485,12 @@ class TransactionalLoop:
         if len(batch.records) == 1:
             record = batch.records[0]
             reason = "output_too_large" if "TooLarge" in type(exc).__name__ else "stage_error"
-            # The DLQ copy is cut to records.max_doc_bytes, which every output topic was checked to hold.
-            outputs = self._quarantine(record, InvalidDocument(reason, f"{type(exc).__name__}: {exc}"))
             log.warning("%s: quarantined %s/%d/%d to the DLQ (%s: %s)", self.stage, record.topic, record.partition,
                         record.offset, type(exc).__name__, exc)
-            try:
-                self._produce(batch, outputs)
-            except Exception as again:  # noqa: BLE001 - even the DLQ entry failed: retried as a broker failure
-                self._replace_producer()
-                self.health.broker_failed(f"cannot write to the DLQ: {type(again).__name__}: {again}")
-                log.error("%s: writing %s/%d/%d to the DLQ failed (%s); retrying", self.stage, record.topic,
-                          record.partition, record.offset, again)
-                return False
-            metrics.TRANSACTIONS.labels(self.stage, "commit").inc()
-            outputs.apply()
-            if self.on_commit is not None:
-                self.on_commit(batch, outputs)
-            return True
+            # The DLQ copy is cut to records.max_doc_bytes, which every output topic was checked to hold;
+            # should the broker refuse even that, it is retried like a broker failure, never split again.
+            outputs = self._quarantine(record, InvalidDocument(reason, f"{type(exc).__name__}: {exc}"))
+            return self._commit(batch, outputs, splittable=False)
         metrics.BATCH_RETRIES.labels(self.stage, "split").inc()
         log.warning("%s: a transaction of %d records was refused (%s: %s); committing it in halves",
                     self.stage, len(batch.records), type(exc).__name__, exc)

@@ -311,10 +311,12 @@ def stack_embeddings(records: list[ScoredRecord]) -> np.ndarray:
     return np.stack([r.embedding for r in records]).astype(np.float32)
 
 
-def dlq_headers(exc: InvalidDocument, stage: str, topic: str, partition: int, offset: int) -> list[tuple[str, bytes]]:
+def dlq_headers(exc: InvalidDocument, stage: str, topic: str, partition: int, offset: int,
+                error: str | None = None) -> list[tuple[str, bytes]]:
+    """The DLQ entry's headers; `error` names the exception behind `exc` (default: `exc`'s own type)."""
     return [
         ("sf-dlq-reason", exc.reason.encode()),
-        ("sf-dlq-error", type(exc).__name__.encode()),
+        ("sf-dlq-error", (error or type(exc).__name__).encode()),
         ("sf-dlq-detail", exc.detail.encode("utf-8", "replace")[:1000]),
         ("sf-stage", stage.encode()),
         ("sf-source-topic", topic.encode()),

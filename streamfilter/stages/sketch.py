@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -171,7 +172,8 @@ class SketchAggregator:
                 dim = scored.embedding.shape[0]
             problem = (f"a {scored.embedding.shape[0]}-dimensional embedding in a {dim}-dimensional sketch"
                        if scored.embedding.shape[0] != dim else
-                       "a non-finite embedding" if not np.isfinite(scored.embedding).all() else None)
+                       "a non-finite embedding or Ask-LLM score"
+                       if not (np.isfinite(scored.embedding).all() and math.isfinite(scored.askllm)) else None)
             if problem:  # one record must not stop the aggregator: skipped, like an undecodable one
                 log.warning("sketch: skipping %s/%d/%d: %s", record.topic, record.partition, record.offset, problem)
                 metrics.DOCUMENTS.labels(self.stage, "skipped").inc()

@@ -268,3 +268,43 @@ def test_a_model_that_fails_on_everything_quarantines_nothing_and_resumes_when_i
     assert not collector.records[dlq]
     ids = collections.Counter(decode_scored(r.value).document.id for r in collector.records[scored])
     assert sorted(ids) == sorted(f"d{i}" for i in range(50)) and max(ids.values()) == 1
+
+
+def test_a_record_the_broker_refuses_is_quarantined_and_its_batch_commits_in_halves(bootstrap, names):
+    """The topic's own limit, smaller than the daemon's (changed after start-up, or a loop run without
+    `ensure_topics`): the broker refuses one scored record; its transaction is committed in halves
+    and that document goes to the DLQ alone."""
+    from kafka.admin import KafkaAdminClient, NewTopic
+
+    from streamfilter import metrics
+    from streamfilter.records import decode_scored
+    from streamfilter.stages import ScoreTransform
+
+    raw, scored, dlq = names.topic("raw"), names.topic("scored"), names.topic("dlq")
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    admin.create_topics([NewTopic(raw, 2, 1), NewTopic(dlq, 2, 1, topic_configs={"max.message.bytes": "4194304"}),
+                         NewTopic(scored, 2, 1, topic_configs={"max.message.bytes": "100000"})])
+    admin.close()
+    config = loop_config(bootstrap, names, records={"max_doc_bytes": 300_000}, batch={"max_batch_docs": 64},
+                         topics={"raw": raw, "scored": scored, "dlq": dlq})
+    big = json.dumps({"id": "big", "text": "word " * 40_000}).encode()  # 200 kB: fine for the daemon, not the topic
+    values = [json.dumps({"id": f"d{i}", "text": f"Document {i} on deltas."}).encode() for i in range(60)]
+    values.insert(37, big)
+    producer = KafkaProducer(bootstrap_servers=bootstrap, max_request_size=4_194_304)
+    for i, value in enumerate(values):
+        producer.send(raw, value=value, partition=i % 2)
+    producer.flush()
+    producer.close()
+    splits = metrics.BATCH_RETRIES.labels("score", "split")._value.get()
+
+    collector = OutputCollector(bootstrap, [scored, dlq])
+    loop = TransactionalLoop("score", config, raw, ScoreTransform(config, MarkerScorer(), MarkerScorer()))
+    run_loop_until(loop, lambda: collector.poll(200) >= len(values), timeout_s=120)
+    collector.wait_total(len(values), timeout_s=10)
+    collector.close()
+
+    ids = collections.Counter(decode_scored(r.value).document.id for r in collector.records[scored])
+    assert sorted(ids) == sorted(f"d{i}" for i in range(60)) and max(ids.values()) == 1
+    (entry,) = collector.records[dlq]
+    assert entry.value == big and dict(entry.headers)["sf-dlq-reason"] == b"output_too_large"
+    assert metrics.BATCH_RETRIES.labels("score", "split")._value.get() > splits
