@@ -10,6 +10,11 @@ size as a scored record).
 
     .venv/bin/python bench/kafka_path.py [--docs 20000] [--batch 256] [--bootstrap HOST:PORT]
 
+The daemon runs twice: as configured before adaptive batches (fixed 256-record batches and
+kafka-python's 16 KiB producer batches) and with today's defaults (batches that grow under a
+backlog). Then both run at low load (records produced at a steady rate into an empty topic)
+for the latency from each record's produce timestamp to its transaction's commit.
+
 Without --bootstrap a broker is started on a free port in a temporary folder.
 """
 
@@ -22,6 +27,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 import msgpack
@@ -78,8 +84,12 @@ def count(bootstrap: str, topic: str) -> int:
     return total  # includes transaction markers: used only as a progress signal
 
 
-def run_daemon_path(bootstrap: str, raw: str, n: int, batch: int) -> float:
-    from streamfilter import metrics
+BEFORE = ("batch.base_batch_docs=256", "batch.max_batch_docs=256", "kafka.producer_batch_bytes=16384")
+"""The daemon as it was configured before adaptive batches: fixed 256-record batches, kafka-python's 16 KiB
+producer batches (one per partition per produce request)."""
+
+
+def _daemon_loop(bootstrap: str, raw: str, settings: Sequence[str], on_commit=None):
     from streamfilter.daemon import ensure_topics
     from streamfilter.kafka_loop import TransactionalLoop
     from streamfilter.stages import ScoreTransform
@@ -88,26 +98,89 @@ def run_daemon_path(bootstrap: str, raw: str, n: int, batch: int) -> float:
     config = load_config(env={}, overrides=[
         f"kafka.bootstrap_servers={bootstrap}", f"kafka.group_prefix={prefix}", "kafka.instance_id=bench",
         f"topics.raw={raw}", f"topics.scored={prefix}.scored", f"topics.dlq={prefix}.dlq", "topics.partitions=1",
-        f"batch.max_batch_docs={batch}", "batch.max_wait_ms=100", "kafka.max_poll_records=2000",
+        "batch.max_wait_ms=100", "kafka.max_poll_records=2000", *settings,
     ])
     ensure_topics(config, [config.topics.scored, config.topics.dlq])
-    loop_ = TransactionalLoop("score", config, raw, ScoreTransform(config, NoopScorer(), NoopEmbedder()))
+    return TransactionalLoop("score", config, raw, ScoreTransform(config, NoopScorer(), NoopEmbedder()),
+                             on_commit=on_commit)
+
+
+def run_daemon_path(bootstrap: str, raw: str, n: int, settings: Sequence[str] = ()) -> dict:
+    """Drain `n` pre-filled records: docs/s, the process's CPU microseconds per document, mean batch size."""
+    from streamfilter import metrics
+
+    batches: list[int] = []
+    loop_ = _daemon_loop(bootstrap, raw, settings, on_commit=lambda batch, outputs: batches.append(len(batch.records)))
     scored = metrics.DOCUMENTS.labels("score", "scored")
     start = scored._value.get()
 
-    async def main() -> float:
+    async def main() -> dict:
         stop = asyncio.Event()
         task = asyncio.ensure_future(loop_.run(stop))
         while scored._value.get() - start < 1:  # first commit: connected, assigned, warmed up
             await asyncio.sleep(0.001)
-        t0 = time.perf_counter()
-        first = scored._value.get() - start
+        t0, c0 = time.perf_counter(), time.process_time()
+        first, first_batches = scored._value.get() - start, len(batches)
         while scored._value.get() - start < n:
             await asyncio.sleep(0.002)
-        elapsed = time.perf_counter() - t0
+        elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
         stop.set()
         await task
-        return (n - first) / elapsed
+        timed = batches[first_batches:]
+        return {"docs_s": (n - first) / elapsed, "cpu_us": cpu / (n - first) * 1e6,
+                "mean_batch": sum(timed) / max(1, len(timed))}
+
+    return asyncio.run(main())
+
+
+def run_low_load(bootstrap: str, rate: float, seconds: float, settings: Sequence[str] = ()) -> dict:
+    """Records produced at `rate`/s into an empty topic: latency from each record's produce timestamp to
+    the commit of its transaction (p50, p99, ms) and the mean batch size."""
+    from kafka import KafkaProducer
+    from kafka.admin import KafkaAdminClient, NewTopic
+
+    raw = f"bench-slow-{uuid.uuid4().hex[:6]}"
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    admin.create_topics([NewTopic(raw, num_partitions=1, replication_factor=1)])
+    admin.close()
+    latencies: list[float] = []
+    batches: list[int] = []
+
+    def committed(batch, outputs) -> None:
+        now_ms = time.time() * 1000
+        latencies.extend(now_ms - r.timestamp for r in batch.records)
+        batches.append(len(batch.records))
+
+    loop_ = _daemon_loop(bootstrap, raw, settings, on_commit=committed)
+    docs = wiki_documents()
+    total = int(rate * seconds)
+
+    def produce() -> None:
+        producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=0)
+        t0 = time.perf_counter()
+        for i in range(total):
+            delay = t0 + i / rate - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            producer.send(raw, value=msgpack.packb({"id": f"s{i}", "text": docs[i % len(docs)].text}))
+        producer.flush()
+        producer.close()
+
+    async def main() -> dict:
+        stop = asyncio.Event()
+        task = asyncio.ensure_future(loop_.run(stop))
+        while loop_.consumer is None or not loop_.consumer.assignment():
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(1.0)  # assigned and polling: the latencies do not include the group's join
+        producer = threading.Thread(target=produce)
+        producer.start()
+        while len(latencies) < total:
+            await asyncio.sleep(0.05)
+        producer.join()
+        stop.set()
+        await task
+        p50, p99 = np.percentile(latencies, [50, 99])
+        return {"p50_ms": float(p50), "p99_ms": float(p99), "mean_batch": sum(batches) / max(1, len(batches))}
 
     return asyncio.run(main())
 
@@ -155,9 +228,11 @@ def run_bare_path(bootstrap: str, raw: str, n: int, batch: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--docs", type=int, default=20000)
-    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=256, help="the bare loop's batch size")
     parser.add_argument("--bootstrap")
-    parser.add_argument("--rounds", type=int, default=2, help="alternate the two paths this many times each")
+    parser.add_argument("--rounds", type=int, default=2, help="alternate the paths this many times each")
+    parser.add_argument("--low-load-rate", type=float, default=100.0, help="documents/s for the latency runs")
+    parser.add_argument("--low-load-seconds", type=float, default=10.0)
     args = parser.parse_args()
     broker = None
     if args.bootstrap is None:
@@ -167,15 +242,32 @@ def main() -> None:
     try:
         raw = f"bench-raw-{uuid.uuid4().hex[:6]}"
         fill(args.bootstrap, raw, args.docs)
-        results = {"daemon (no-op scoring)": [], "bare kafka-python": []}
-        for _ in range(args.rounds):  # alternate, so drift on a shared machine hits both
-            results["bare kafka-python"].append(run_bare_path(args.bootstrap, raw, args.docs, args.batch))
-            results["daemon (no-op scoring)"].append(run_daemon_path(args.bootstrap, raw, args.docs, args.batch))
-        print(f"{args.docs} documents, batch {args.batch}, one transaction per batch, best of {args.rounds}")
-        for name, values in results.items():
-            print(f"  {name:24s} {max(values):8.0f} docs/s   (runs: {', '.join(f'{v:.0f}' for v in values)})")
-        ratio = max(results["daemon (no-op scoring)"]) / max(results["bare kafka-python"])
-        print(f"  ratio daemon / bare: {ratio:.2f} (goal >= 0.7)")
+        paths = {
+            "bare kafka-python": lambda: {"docs_s": run_bare_path(args.bootstrap, raw, args.docs, args.batch)},
+            "daemon, before (fixed 256, 16 KiB producer batches)": lambda: run_daemon_path(
+                args.bootstrap, raw, args.docs, BEFORE),
+            "daemon, adaptive batches (defaults)": lambda: run_daemon_path(args.bootstrap, raw, args.docs),
+        }
+        results: dict[str, list[dict]] = {name: [] for name in paths}
+        for _ in range(args.rounds):  # alternate, so drift on a shared machine hits every path
+            for name, run in paths.items():
+                results[name].append(run())
+        print(f"{args.docs} pre-filled documents (a backlog), one partition, one transaction per batch, "
+              f"best of {args.rounds}")
+        print("| path | docs/s (best) | runs | CPU µs/doc (best run) | mean batch |")
+        print("|---|---|---|---|---|")
+        for name, runs in results.items():
+            best = max(runs, key=lambda r: r["docs_s"])
+            cpu = f"{best['cpu_us']:.0f}" if "cpu_us" in best else "—"
+            batch = f"{best['mean_batch']:.0f}" if "mean_batch" in best else str(args.batch)
+            spread = ", ".join(f"{r['docs_s']:.0f}" for r in runs)
+            print(f"| {name} | {best['docs_s']:.0f} | {spread} | {cpu} | {batch} |")
+        print(f"\nLow load: {args.low_load_rate:g} documents/s for {args.low_load_seconds:g} s, produce timestamp -> commit")
+        print("| path | p50 ms | p99 ms | mean batch |")
+        print("|---|---|---|---|")
+        for name, settings in (("daemon, before", BEFORE), ("daemon, adaptive batches", ())):
+            r = run_low_load(args.bootstrap, args.low_load_rate, args.low_load_seconds, settings)
+            print(f"| {name} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['mean_batch']:.1f} |")
     finally:
         if broker is not None:
             broker.stop()

@@ -48,6 +48,10 @@ class KafkaConfig:
     transaction_timeout_ms: int = 30_000
     max_poll_records: int = 500
     fetch_max_bytes: int = 52_428_800
+    # The producer's record batch per partition (kafka-python's batch_size). One batch per partition
+    # goes into each produce request, so kafka-python's 16 KiB default sends a large micro-batch's
+    # outputs as hundreds of sequential requests.
+    producer_batch_bytes: int = 1_048_576
     client: dict[str, typing.Any] = field(default_factory=dict)  # passthrough, see KAFKA_PASSTHROUGH
 
 
@@ -74,7 +78,14 @@ class ModelsConfig:
 
 @dataclass
 class BatchConfig:
-    max_batch_docs: int = 256
+    # A micro-batch (one transaction) closes on size or time. Its size adapts: it starts at
+    # base_batch_docs and doubles with each batch that fills while input is waiting (a backlog),
+    # up to max_batch_docs or max_batch_bytes, as long as the previous batch's transform took less
+    # than half of target_batch_ms; batches that close on time (input is not waiting) halve it back.
+    base_batch_docs: int = 256  # the size at low load (clipped to max_batch_docs)
+    max_batch_docs: int = 4096
+    max_batch_bytes: int = 67_108_864  # 64 MiB of input values: a batch of large documents closes earlier
+    target_batch_ms: int = 1000
     max_wait_ms: int = 500
 
 
@@ -257,6 +268,10 @@ def validate(config: Config) -> None:
     check(config.models.variant in ("auto", "fp32", "int8"), "models.variant", "must be auto, fp32 or int8")
     check(config.models.inference_batch_docs >= 1, "models.inference_batch_docs", "must be >= 1")
     check(config.batch.max_batch_docs >= 1, "batch.max_batch_docs", "must be >= 1")
+    check(config.kafka.producer_batch_bytes >= 1024, "kafka.producer_batch_bytes", "must be >= 1024")
+    check(config.batch.base_batch_docs >= 1, "batch.base_batch_docs", "must be >= 1")
+    check(config.batch.max_batch_bytes >= 1, "batch.max_batch_bytes", "must be >= 1")
+    check(config.batch.target_batch_ms > 0, "batch.target_batch_ms", "must be > 0")
     check(config.batch.max_wait_ms >= 0, "batch.max_wait_ms", "must be >= 0")
     check(config.records.max_doc_bytes >= 64, "records.max_doc_bytes", "must be >= 64")
     check(config.sketch.rows >= 1, "sketch.rows", "must be >= 1")

@@ -117,6 +117,7 @@ def new_transactional_producer(config: Config, transactional_id: str):
         enable_idempotence=True,
         acks="all",
         linger_ms=5,
+        batch_size=min(config.kafka.producer_batch_bytes, limits.producer_request_bytes),
         max_request_size=limits.producer_request_bytes,
         transaction_timeout_ms=config.kafka.transaction_timeout_ms,
         **producer_timeouts(config),

@@ -4,7 +4,8 @@ This module owns the order of a checkpoint and the failure model of the transact
 (score, route, replay); nothing else in the package commits their offsets. The clients, their
 timeouts, size limits and health probes are `kafka_clients`'. For each micro-batch:
 
-  1. poll    records until `max_batch_docs` or `max_wait_ms` (consumer thread, read_committed);
+  1. poll    records until the batch's size (`BatchSizer`: it grows under a backlog, up to
+             `max_batch_docs`/`max_batch_bytes`) or `max_wait_ms` (consumer thread, read_committed);
              the batch is stamped with the group generation and the group metadata it was read under
   2. transform  the batch (worker thread: inference, policy) while the next batch is polled
   3. begin_transaction; send every output record (results and DLQ entries)
@@ -152,6 +153,34 @@ class Batch:
                 Batch(self.records[mid:], self.generation, self.group_metadata, self.polled_at))
 
 
+class BatchSizer:
+    """How many records the next micro-batch may take: small at low load, large under a backlog.
+
+    A batch that fills to the current size while input keeps arriving means records are
+    waiting: the size doubles (up to `max_docs`), so the per-transaction cost (three round
+    trips and a marker per partition) is spread over more records, but only while the
+    previous batch's transform took less than half of `target_s`, so a slow model never builds
+    batches that hold records (and the consumer's poll) for long. A batch that closes on time
+    with fewer records means input is not waiting: the size halves back toward `base_docs`,
+    and latency at low load is what `max_wait_ms` makes it.
+    """
+
+    def __init__(self, base_docs: int, max_docs: int, target_s: float):
+        self.max_docs = max(1, max_docs)
+        self.base_docs = max(1, min(base_docs, self.max_docs))
+        self.target_s = target_s
+        self.size = self.base_docs
+        self.last_transform_s: float | None = None  # set by the work thread
+
+    def observe(self, polled: int, filled: bool) -> None:
+        """After a poll: `polled` records, `filled` when the batch closed because it reached a size limit."""
+        if filled and polled >= self.size:
+            if self.last_transform_s is None or 2 * self.last_transform_s < self.target_s:
+                self.size = min(2 * self.size, self.max_docs)
+        elif polled < self.size:
+            self.size = max(self.base_docs, self.size // 2)
+
+
 @dataclass(frozen=True)
 class RangeBounds:
     """A fixed range [start, end) per partition of the input topic, for a bounded run (replay).
@@ -204,6 +233,8 @@ class TransactionalLoop:
         self.consumer = None
         self.producer = None
         self._canary = None  # the last input record the transform passed (tells a broken stage from bad input)
+        self.sizer = BatchSizer(config.batch.base_batch_docs, config.batch.max_batch_docs,
+                                config.batch.target_batch_ms / 1000)
 
     # -- the loop ------------------------------------------------------------------
 
@@ -277,7 +308,9 @@ class TransactionalLoop:
 
     def transform_isolated(self, records: list) -> Outputs:
         """`transform(records)`, never failing for one record: see the module docstring."""
+        started = time.perf_counter()
         outputs, failures = self._isolate(records, top=True)
+        self.sizer.last_transform_s = time.perf_counter() - started
         if len(failures) == len(records) and self._canary is not None and self._canary_fails():
             raise StageFailure(f"every record of a batch of {len(records)} failed, and so does one that passed "
                                f"before ({failures[-1]})")
@@ -357,12 +390,13 @@ class TransactionalLoop:
         records: list = []
         generation = self.generation
         deadline = time.monotonic() + self.config.batch.max_wait_ms / 1000
-        limit = self.config.batch.max_batch_docs
-        while len(records) < limit and not self._stopping.is_set():
+        limit, max_bytes = self.sizer.size, self.config.batch.max_batch_bytes
+        size_bytes = 0
+        while len(records) < limit and size_bytes < max_bytes and not self._stopping.is_set():
             if self.rewind_needed or self.generation != generation:
                 # A failed transaction or a rebalance: everything not committed is read again.
                 self._rewind()
-                records, generation = [], self.generation
+                records, generation, size_bytes = [], self.generation, 0
             remaining_ms = max(0, int((deadline - time.monotonic()) * 1000))
             polled = consumer.poll(timeout_ms=min(remaining_ms, 200) if records else max(remaining_ms, 50),
                                    max_records=limit - len(records))
@@ -373,12 +407,14 @@ class TransactionalLoop:
                     end = self.bounds.end[tp]
                     part = [r for r in part if r.offset < end]  # past the range: never read
                 records.extend(part)
+                size_bytes += sum(r.serialized_value_size for r in part)
             if self.bounds is not None and self._pause_finished():
                 break
             if time.monotonic() >= deadline and (records or remaining_ms == 0):
                 break
         if records:
             self.watch.got_records()
+            self.sizer.observe(len(records), filled=len(records) >= limit or size_bytes >= max_bytes)
         if self.watch.probe(consumer, skip=consumer.paused()):
             self._recreate_consumer()
         at_end = self.bounds is not None and self._pause_finished()
