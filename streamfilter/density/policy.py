@@ -11,9 +11,13 @@
   records with a perplexity (`models.perplexity`). Deterministic.
 - `askllm+density`: a quality gate (keep the top `quality_keep` by P(yes)), then IPS among
   what passes, with c set so that the overall keep rate is q.
+- `density-top` / `density-bottom`: the paper's other density baselines (section 3.3,
+  "Top / Bottom K"): keep the fraction q with the highest density score (the head of the
+  distribution) or the lowest (the tail). Deterministic. The paper found that neither keeps
+  coverage; they exist so that the coverage bench and `compare` can show them beside IPS.
 
-`Policy.prepare(snapshot)` solves the thresholds and c once per snapshot, over the
-snapshot's reservoir (a uniform sample of the whole stream), so the keep rate is normalised
+`Policy.prepare(snapshot)` solves the thresholds and c (or the density threshold of
+`density-top`/`-bottom`) once per snapshot, over the snapshot's reservoir (a uniform sample of the whole stream), so the keep rate is normalised
 globally, never per batch. Every coin is a hash of (document id, policy seed), so the same
 documents, snapshot and seed give the same decisions in any batching, order or machine.
 """
@@ -30,7 +34,8 @@ from streamfilter.density.hashing import uniform_coins
 from streamfilter.density.snapshot import Snapshot
 from streamfilter.errors import ConfigError
 
-POLICY_NAMES = ("askllm", "density", "random", "askllm+density", "perplexity")
+POLICY_NAMES = ("askllm", "density", "random", "askllm+density", "perplexity", "density-top", "density-bottom")
+DENSITY_RANK_POLICIES = ("density-top", "density-bottom")  # keep a fraction by density rank, no coin
 
 
 class PolicyNotReady(Exception):
@@ -94,7 +99,7 @@ class Policy:
 
     @property
     def uses_density(self) -> bool:
-        return self.name in ("density", "askllm+density")
+        return self.name in ("density", "askllm+density") + DENSITY_RANK_POLICIES
 
     def quality_threshold(self, snapshot: Snapshot) -> float:
         fraction = self.keep_rate if self.name == "askllm" else self.quality_keep
@@ -114,11 +119,20 @@ class Policy:
         return snapshot.perplexity_quantiles.quantile(self.keep_rate)
 
     def solve_constant(self, snapshot: Snapshot, quality_threshold: float | None = None) -> float:
-        """Solve c over the snapshot's reservoir (the expensive part: one sketch query of the reservoir)."""
+        """Solve c over the snapshot's reservoir (the expensive part: one sketch query of the reservoir).
+
+        For `density-top`/`density-bottom` the constant is the density threshold instead: the
+        (1 - q) quantile of the reservoir's scores (keep at or above) or the q quantile (keep at
+        or below).
+        """
         reservoir = snapshot.reservoir
         if len(reservoir) == 0:
             raise PolicyNotReady(f"policy {self.name}: the snapshot's reservoir is empty")
         scores = snapshot.sketch.query(reservoir.embeddings)
+        if self.name == "density-top":
+            return -math.inf if self.keep_rate >= 1.0 else float(np.quantile(scores, 1.0 - self.keep_rate))
+        if self.name == "density-bottom":
+            return math.inf if self.keep_rate >= 1.0 else float(np.quantile(scores, self.keep_rate))
         target = self.keep_rate
         if self.name == "askllm+density":
             threshold = self.quality_threshold(snapshot) if quality_threshold is None else quality_threshold
@@ -146,9 +160,11 @@ class Policy:
             constant = snapshot.ips_constants.get(self.key)
             if constant is None:
                 constant = self.solve_constant(snapshot, threshold)
+        ranked = self.name in DENSITY_RANK_POLICIES
         return PreparedPolicy(self, snapshot_id=snapshot.snapshot_id,
                               sketch=snapshot.sketch if self.uses_density else None,
-                              quality_threshold=threshold, ips_constant=constant, perplexity_threshold=nll_threshold)
+                              quality_threshold=threshold, ips_constant=None if ranked else constant,
+                              perplexity_threshold=nll_threshold, density_threshold=constant if ranked else None)
 
 
 class AskLLMPolicy(Policy):
@@ -171,8 +187,17 @@ class QualityGatedIPSPolicy(Policy):
     """`askllm+density`: keep the top `quality_keep` by P(yes), then inverse propensity sampling."""
 
 
+class DensityTopPolicy(Policy):
+    """`density-top`: keep the `keep_rate` fraction with the highest density score (the paper's top-K baseline)."""
+
+
+class DensityBottomPolicy(Policy):
+    """`density-bottom`: keep the `keep_rate` fraction with the lowest density score (the paper's bottom-K)."""
+
+
 _POLICY_CLASSES = {"askllm": AskLLMPolicy, "density": InversePropensityPolicy, "random": RandomPolicy,
-                   "askllm+density": QualityGatedIPSPolicy, "perplexity": PerplexityPolicy}
+                   "askllm+density": QualityGatedIPSPolicy, "perplexity": PerplexityPolicy,
+                   "density-top": DensityTopPolicy, "density-bottom": DensityBottomPolicy}
 
 
 def build_policy(name: str, keep_rate: float, *, quality_keep: float | None = None, seed: int = 0) -> Policy:
@@ -205,6 +230,7 @@ class PreparedPolicy:
     quality_threshold: float | None
     ips_constant: float | None
     perplexity_threshold: float | None = None  # `perplexity` policy: keep iff mean NLL <= this
+    density_threshold: float | None = None  # `density-top`: keep iff density >= this; `density-bottom`: <=
 
     def probabilities(self, askllm: np.ndarray, density: np.ndarray | None,
                       perplexity: np.ndarray | None = None) -> np.ndarray:
@@ -219,6 +245,10 @@ class PreparedPolicy:
         if self.ips_constant is not None:
             with np.errstate(divide="ignore", invalid="ignore"):
                 p = p * np.minimum(1.0, self.ips_constant / density)
+        if self.density_threshold is not None:
+            passes = density >= self.density_threshold if self.policy.name == "density-top" \
+                else density <= self.density_threshold
+            p = np.where(passes, p, 0.0)
         return p
 
     def decide(self, ids: Sequence[str], askllm: np.ndarray, embeddings: np.ndarray | None,

@@ -25,12 +25,12 @@ import sys
 import time
 from pathlib import Path
 
+from streamfilter.density.policy import POLICY_NAMES
 from streamfilter.errors import ConfigError, UserError
 
 log = logging.getLogger("streamfilter.replay")
 
 MODES = ("route", "rescore", "dry-run")
-DEFAULT_BATCH_DOCS = 1000
 
 
 def register(subparsers) -> None:
@@ -55,7 +55,8 @@ def register(subparsers) -> None:
     p.add_argument("--show", type=int, default=10, metavar="N",
                    help="dry-run: list the first N documents that would be kept (default 10; -1 = all)")
     p.add_argument("--batch-docs", type=int, metavar="N",
-                   help=f"documents per transaction (default: max(batch.max_batch_docs, {DEFAULT_BATCH_DOCS}))")
+                   help="documents per transaction, fixed (default: adaptive, from batch.base_batch_docs "
+                        "growing to batch.max_batch_docs while the range has more to read)")
     p.add_argument("--progress", choices=("auto", "bar", "log", "none"), default="auto",
                    help="a bar on a terminal, log lines otherwise (default auto)")
     p.add_argument("--progress-interval-s", type=float, default=10.0, help="seconds between progress log lines")
@@ -82,7 +83,7 @@ def _range_arguments(p) -> None:
 
 
 def _policy_arguments(p) -> None:
-    p.add_argument("--policy", help="policy name (policy.name): askllm, density, random, askllm+density")
+    p.add_argument("--policy", help=f"policy name (policy.name): {', '.join(POLICY_NAMES)}")
     p.add_argument("--keep-rate", type=float, help="target keep rate (policy.keep_rate)")
     p.add_argument("--quality-keep", type=float, help="askllm+density's quality gate (policy.quality_keep)")
     p.add_argument("--seed", type=int, help="policy seed for the coins (policy.seed)")
@@ -117,10 +118,10 @@ def _config(args):
     if args.metrics_port is None:
         args.set.append("daemon.metrics_port=0")  # a replay beside a daemon must not take its port
     config = config_from_args(args)
-    batch = args.batch_docs if args.batch_docs is not None else max(config.batch.max_batch_docs, DEFAULT_BATCH_DOCS)
-    if batch < 1:
-        raise ConfigError(f"--batch-docs: must be >= 1, got {batch}")
-    config.batch.max_batch_docs = batch
+    if args.batch_docs is not None:
+        if args.batch_docs < 1:
+            raise ConfigError(f"--batch-docs: must be >= 1, got {args.batch_docs}")
+        config.batch.base_batch_docs = config.batch.max_batch_docs = args.batch_docs
     return config
 
 

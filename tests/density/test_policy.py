@@ -88,7 +88,7 @@ def test_keep_rate_is_the_target(name, stream, snapshot):
     assert expected == pytest.approx(0.2, abs=0.015)  # the reservoir is the whole stream here
     assert kept == pytest.approx(0.2, abs=0.03)
     assert all(d.policy == name and d.snapshot_id == snapshot.snapshot_id for d in decisions)
-    if name in ("density", "askllm+density"):
+    if build_policy(name, 0.2).uses_density:
         assert all(d.density > 0 for d in decisions)
     else:
         assert all(math.isnan(d.density) for d in decisions)
@@ -106,6 +106,29 @@ def test_density_policy_is_inverse_propensity(stream, snapshot):
     kept = np.array([d.keep for d in decisions])
     big, small = labels == 0, labels == 5
     assert kept[small].mean() > 2 * kept[big].mean()
+
+
+@pytest.mark.parametrize("name", ["density-top", "density-bottom"])
+def test_density_rank_policies_keep_the_head_or_the_tail(name, stream, snapshot):
+    """The paper's top-K / bottom-K density baselines: a deterministic cut by density rank."""
+    ids, x, askllm, labels = stream
+    prepared = build_policy(name, 0.25).prepare(snapshot)
+    decisions = prepared.decide(ids, askllm, x)
+    kept = np.array([d.keep for d in decisions])
+    density = np.array([d.density for d in decisions])
+    assert all(d.probability in (0.0, 1.0) for d in decisions)
+    assert kept.mean() == pytest.approx(0.25, abs=0.01)  # the reservoir holds the whole stream here
+    big, small = labels == 0, labels == 5  # the largest cluster is the densest
+    if name == "density-top":
+        assert density[kept].min() >= density[~kept].max()
+        assert kept[big].mean() > kept[small].mean()
+    else:
+        assert density[kept].max() <= density[~kept].min()
+        assert kept[small].mean() > kept[big].mean()
+    # the threshold is solved into the snapshot like an IPS constant, and used from there
+    state_snapshot = snapshot.ips_constants.get(prepared.policy.key)
+    assert state_snapshot is None or state_snapshot == prepared.density_threshold
+    assert prepared.ips_constant is None
 
 
 def test_askllm_policy_keeps_the_top_fraction(stream, snapshot):
