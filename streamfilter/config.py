@@ -15,7 +15,10 @@ STREAMFILTER_KAFKA_BOOTSTRAP_SERVERS=broker:9092. CLI: `--set section.key=value`
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import logging
 import os
+import re
 import socket
 import tomllib
 import typing
@@ -25,6 +28,13 @@ from pathlib import Path
 from streamfilter.errors import ConfigError
 
 ENV_PREFIX = "STREAMFILTER_"
+# Kubernetes injects these for every Service in the namespace (enableServiceLinks, on by default):
+# a Service named `streamfilter-metrics` sets STREAMFILTER_METRICS_SERVICE_HOST, _SERVICE_PORT,
+# _PORT=tcp://10.0.0.7:9308, _PORT_9308_TCP_ADDR, ... They are not settings.
+_SERVICE_LINK_NAME = re.compile(r"_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT(_\d+_(TCP|UDP|SCTP)(_(PROTO|PORT|ADDR))?)?)$")
+_SERVICE_LINK_VALUE = re.compile(r"^(tcp|udp|sctp)://[^\s]+:\d+$")
+
+log = logging.getLogger(__name__)
 
 # kafka-python client settings that may be passed through verbatim (security and tuning).
 KAFKA_PASSTHROUGH = {
@@ -163,6 +173,7 @@ class Config:
 
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+SECTIONS_TYPES = {f.name: type(getattr(Config(), f.name)) for f in dataclasses.fields(Config)}
 
 
 def load_config(
@@ -187,6 +198,9 @@ def load_config(
     for name, value in sorted((env if env is not None else os.environ).items()):
         if name.startswith(ENV_PREFIX):
             section, _, key = name[len(ENV_PREFIX):].lower().partition("_")
+            if _is_service_link(name, value, section, key):
+                log.debug("ignoring %s: a Kubernetes service-link variable, not a setting", name)
+                continue
             _set(config, section, key, value, source=name)
     for item in overrides:
         dotted, sep, value = item.partition("=")
@@ -198,9 +212,26 @@ def load_config(
     return config
 
 
+def _is_known(section: str, key: str) -> bool:
+    if section not in SECTIONS:
+        return False
+    return (section == "kafka" and key in KAFKA_PASSTHROUGH) or (
+        key != "client" and key in {f.name for f in dataclasses.fields(SECTIONS_TYPES[section])})
+
+
+def _is_service_link(name: str, value: str, section: str, key: str) -> bool:
+    """A variable Kubernetes set for a Service (named like one, and not a setting, or valued `tcp://host:port`)."""
+    if not _SERVICE_LINK_NAME.search(name):
+        return False
+    return not _is_known(section, key) or bool(_SERVICE_LINK_VALUE.match(str(value)))
+
+
 def _set(config: Config, section: str, key: str, value: typing.Any, source: str) -> None:
     if section not in SECTIONS:
-        raise ConfigError(f"{section}.{key} ({source}): unknown section {section!r}; known: {', '.join(SECTIONS)}")
+        close = difflib.get_close_matches(section, SECTIONS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{section}.{key} ({source}): unknown section {section!r}{hint}; "
+                          f"known: {', '.join(SECTIONS)}")
     target = getattr(config, section)
     if section == "kafka" and key in KAFKA_PASSTHROUGH:
         target.client[key] = _coerce(value, typing.Any, f"kafka.{key}")
@@ -287,7 +318,41 @@ def validate(config: Config) -> None:
     check(config.daemon.retry_backoff_max_s > 0, "daemon.retry_backoff_max_s", "must be > 0")
     check(0 <= config.daemon.crash_before_commit <= 1, "daemon.crash_before_commit", "must be in [0, 1]")
     check(0 <= config.daemon.metrics_port < 65536, "daemon.metrics_port", "must be a port number (0 = off)")
+    validate_kafka_client(config.kafka.client)
     build_policy(config)  # an unknown policy name fails here, naming policy.name
+
+
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")  # kafka-python's accepted values
+
+
+def validate_kafka_client(client: dict[str, typing.Any]) -> None:
+    """The pass-through settings kafka-python would only reject at the first connection (or never)."""
+    from kafka.net.sasl import SASL_MECHANISMS
+
+    def fail(key: str, message: str) -> None:
+        raise ConfigError(f"kafka.{key}: {message}, got {client[key]!r}")
+
+    protocol = client.get("security_protocol", "PLAINTEXT")
+    if "security_protocol" in client and protocol not in SECURITY_PROTOCOLS:
+        fail("security_protocol", f"must be one of {', '.join(SECURITY_PROTOCOLS)}")
+    if "sasl_mechanism" in client:
+        if client["sasl_mechanism"] not in SASL_MECHANISMS:
+            fail("sasl_mechanism", f"must be one of {', '.join(sorted(SASL_MECHANISMS))}")
+        if not str(protocol).startswith("SASL_"):
+            fail("sasl_mechanism", "needs kafka.security_protocol SASL_PLAINTEXT or SASL_SSL")
+        if client["sasl_mechanism"] in ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"):
+            for key in ("sasl_plain_username", "sasl_plain_password"):
+                if not client.get(key):
+                    raise ConfigError(f"kafka.{key}: required by kafka.sasl_mechanism {client['sasl_mechanism']}")
+    elif str(protocol).startswith("SASL_"):
+        raise ConfigError(f"kafka.sasl_mechanism: required by kafka.security_protocol {protocol}")
+    for key, value in client.items():
+        if key.endswith("_ms") and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            fail(key, "must be a non-negative integer (milliseconds)")
+        if key in ("ssl_cafile", "ssl_certfile", "ssl_keyfile", "ssl_crlfile") and not Path(str(value)).is_file():
+            fail(key, "no such file")
+        if key == "ssl_check_hostname" and not isinstance(value, bool):
+            fail(key, "must be true or false")
 
 
 def build_policy(config: Config):

@@ -128,10 +128,41 @@ def test_kubernetes_wiring_config_volumes_scrape_and_scale():
         stage = name.removeprefix("streamfilter-")
         assert ("Service", f"streamfilter-{stage}-metrics") in documents
         assert pod["spec"]["containers"][0]["args"][0] == stage
+        assert pod["spec"]["enableServiceLinks"] is False  # no STREAMFILTER_*_SERVICE_* variables injected
     claims = {v["persistentVolumeClaim"]["claimName"] for kind, name in (("StatefulSet", "streamfilter-sketch"),
                                                                          ("Deployment", "streamfilter-route"))
               for v in documents[(kind, name)]["spec"]["template"]["spec"]["volumes"] if "persistentVolumeClaim" in v}
     assert claims == {"streamfilter-snapshots"}
+
+
+def service_link_variables(documents) -> dict[str, str]:
+    """The variables Kubernetes sets in a pod for each Service of the namespace (enableServiceLinks)."""
+    env = {}
+    for doc in documents:
+        if not doc or doc["kind"] != "Service":
+            continue
+        name = doc["metadata"]["name"].upper().replace("-", "_")
+        ip = "10.96.0.17"
+        for i, port in enumerate(doc["spec"]["ports"]):
+            number, proto = port["port"], port.get("protocol", "TCP")
+            if i == 0:
+                env[f"{name}_SERVICE_HOST"], env[f"{name}_SERVICE_PORT"] = ip, str(number)
+                env[f"{name}_PORT"] = f"{proto.lower()}://{ip}:{number}"
+            if "name" in port:
+                env[f"{name}_SERVICE_PORT_{port['name'].upper().replace('-', '_')}"] = str(number)
+            prefix = f"{name}_PORT_{number}_{proto}"
+            env.update({prefix: f"{proto.lower()}://{ip}:{number}", f"{prefix}_PROTO": proto.lower(),
+                        f"{prefix}_PORT": str(number), f"{prefix}_ADDR": ip})
+    return env
+
+
+def test_the_services_kubernetes_variables_do_not_stop_start_up():
+    """Observed: the daemon refused to start (`unknown section 'score'`) in a namespace holding the
+    streamfilter-score-metrics Service, whose variables share the settings' STREAMFILTER_ prefix."""
+    env = service_link_variables(yaml.safe_load_all(rendered_manifests()))
+    assert any(name.startswith("STREAMFILTER_SCORE_METRICS_") for name in env)
+    config = load_config(DEPLOY / "k8s" / "streamfilter.toml", env=env)
+    assert config.daemon.metrics_port == 9308
 
 
 def test_the_kubernetes_config_file_is_a_valid_streamfilter_config():
