@@ -17,8 +17,9 @@ PYTEST_ARGS ?=
 test: setup kafka-jars
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# make demo [PORT=19092] [DOCS=2000] [DEMO_ARGS=--keep-broker]
 demo: setup kafka-jars
-	$(PY) -m streamfilter demo
+	$(PY) -m streamfilter demo $(if $(PORT),--port $(PORT)) $(if $(DOCS),--docs $(DOCS)) $(DEMO_ARGS)
 
 setup: system-deps $(STAMP)
 

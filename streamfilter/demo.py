@@ -1,9 +1,11 @@
 """`streamfilter demo`: the main job on an embedded default, end to end on one machine.
 
 Starts the local Kafka broker, finds models (exported ones in onnx_models/, else the
-offline test models), writes a sample crawl (Wikipedia summaries mixed with generated
+offline models: a tiny random-weight Flan-T5 for Ask-LLM and the real all-MiniLM-L6-v2
+embedder for density), writes a sample crawl (Wikipedia summaries mixed with generated
 junk and a few malformed records), runs score → sketch → route until the sample is
-drained, and prints what happened and how to look at the topics with kcat.
+drained, prints what happened and how to look at the topics with kcat, and stops the
+broker (unless --keep-broker).
 """
 
 from __future__ import annotations
@@ -33,20 +35,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--port", type=int, default=19092, help="local broker port (default 19092)")
     parser.add_argument("--data-dir", type=Path, default=Path(".cache/demo"),
                         help="broker data, snapshots and logs (default .cache/demo)")
-    parser.add_argument("--policy", default="askllm+density", help="askllm | density | random | askllm+density")
+    parser.add_argument("--policy", default="askllm+density", help="a policy.name (default askllm+density)")
     parser.add_argument("--keep-rate", type=float, default=0.3)
     parser.add_argument("--timeout-s", type=float, default=900, help="give up after this long")
+    parser.add_argument("--keep-broker", action="store_true", help="leave the broker running to inspect the topics")
     parser.set_defaults(handler=run_demo)
 
 
 def find_models() -> tuple[Path, Path, bool]:
-    """(askllm dir, embedder dir, real?) — exported models when present, else the offline test models."""
+    """(askllm dir, embedder dir, real?) — exported models when present, else the offline ones: the tiny
+    random-weight Ask-LLM test model and the real all-MiniLM-L6-v2 embedder (so density is real)."""
     if all((p / "manifest.json").is_file() for p in REAL_MODELS):
         return REAL_MODELS[0], REAL_MODELS[1], True
     from streamfilter.models import ensure_test_models
 
     models = ensure_test_models()
-    return models.askllm, models.sentence_t5, False
+    return models.askllm, models.minilm, False
 
 
 def sample_crawl(n: int, seed: int = 0) -> tuple[list[bytes], dict[str, dict]]:
@@ -70,31 +74,43 @@ def sample_crawl(n: int, seed: int = 0) -> tuple[list[bytes], dict[str, dict]]:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from kafka import KafkaProducer
-
-    from streamfilter import metrics
     from streamfilter.broker import KafkaBroker
-    from streamfilter.config import load_config
-    from streamfilter.daemon import STAGES, run_stages
 
     if args.docs < 20:
         raise UserError(f"--docs must be at least 20, got {args.docs}")
     data_dir = args.data_dir.resolve()
     broker = KafkaBroker(data_dir / "broker", port=args.port)
     print(f"[1/5] starting the local Kafka broker ({data_dir / 'broker'}) ...", flush=True)
+    was_running = broker.status().running
     status = broker.start()
     print(f"      {status.describe()}")
+    keep = args.keep_broker or was_running  # a broker the demo did not start is not the demo's to stop
+    try:
+        return _demo(args, broker, data_dir, keep)
+    finally:
+        if not keep:
+            broker.stop()
+
+
+def _demo(args: argparse.Namespace, broker, data_dir: Path, keep_broker: bool) -> int:
+    from kafka import KafkaProducer
+
+    from streamfilter import metrics
+    from streamfilter.config import load_config
+    from streamfilter.daemon import STAGES, run_stages
 
     print("[2/5] finding models ...", flush=True)
     askllm, embedder, real = find_models()
     if real:
         print(f"      exported models: {askllm}, {embedder}")
     else:
-        print(f"      no exported models in onnx_models/: using the OFFLINE TEST MODELS ({askllm.parent}).\n"
-              "      They have random weights, so the scores below are NOT meaningful; export real ones with\n"
+        print(f"      no exported models in onnx_models/: using the offline models in {askllm.parent}:\n"
+              f"      density: the real all-MiniLM-L6-v2 embedder ({embedder.name}), so the coverage figures are real;\n"
+              f"      Ask-LLM: a tiny Flan-T5 with RANDOM WEIGHTS ({askllm.name}), so its scores mean NOTHING.\n"
+              "      Where a model hub is reachable, export real ones with\n"
               "      `streamfilter models export askllm --model google/flan-t5-small --out onnx_models/flan-t5-small`\n"
               "      and `streamfilter models export embedder --model sentence-transformers/sentence-t5-base "
-              "--out onnx_models/sentence-t5-base` where a model hub is reachable.")
+              "--out onnx_models/sentence-t5-base`.")
 
     run_id = time.strftime("%Y%m%d-%H%M%S")
     prefix = f"demo-{run_id}"
@@ -156,11 +172,15 @@ def run_demo(args: argparse.Namespace) -> int:
     elapsed = time.monotonic() - t0
     print(f"[5/5] done in {elapsed:.0f}s ({len(values) / elapsed:.0f} documents/s end to end)\n")
     summarize(config, docs, real)
-    print("\nThe broker keeps running. Look at the output with kcat:\n"
-          f"  kcat -C -b {broker.bootstrap} -t {config.topics.accepted} -X isolation.level=read_committed -e "
-          "-f '%k %h\\n'\n"
-          f"  kcat -C -b {broker.bootstrap} -t {config.topics.dlq} -e -f '%h\\n'\n"
-          f"Stop it with: streamfilter broker stop --data-dir {data_dir / 'broker'}")
+    kcat = (f"  kcat -C -b {broker.bootstrap} -t {config.topics.accepted} -X isolation.level=read_committed -e "
+            "-f '%k %h\\n'\n"
+            f"  kcat -C -b {broker.bootstrap} -t {config.topics.dlq} -e -f '%h\\n'")
+    if keep_broker:
+        print(f"\nThe broker keeps running. Look at the output with kcat:\n{kcat}\n"
+              f"Stop it with: streamfilter broker stop --data-dir {data_dir / 'broker'}")
+    else:
+        print("\nThe broker is stopped at exit; its data stays in "
+              f"{data_dir / 'broker'}. Run with --keep-broker to look at the topics with kcat, e.g.\n{kcat}")
     return 0
 
 
@@ -197,12 +217,34 @@ def summarize(config, docs: dict[str, dict], real: bool) -> None:
     total_kinds = collections.Counter("junk" if i.startswith("junk") else "wiki" for i in docs)
     print("kept share: " + ", ".join(f"{k} {kinds[k]}/{total_kinds[k]} ({kinds[k] / max(total_kinds[k], 1):.0%})"
                                      for k in ("wiki", "junk")))
+    # the expected kept mix (each decision's keep probability, from its header): no coin-flip noise
+    kept_topics: collections.Counter = collections.Counter()
+    for r in accepted + rejected:
+        doc_id = msgpack.unpackb(r.value)["id"]
+        if doc_id.startswith("wiki"):
+            kept_topics[docs[doc_id]["meta"]["topic"]] += float(dict(r.headers)["sf-probability"])
+    input_topics = collections.Counter(d["meta"]["topic"] for i, d in docs.items() if i.startswith("wiki"))
+    kl_kept, kl_input = topic_kl(kept_topics, input_topics), topic_kl(input_topics, input_topics)
+    print(f"coverage of the {len(input_topics)} Wikipedia topics (embedder {'exported' if real else 'all-MiniLM-L6-v2'}): "
+          f"KL(expected kept topic mix ‖ uniform) {kl_kept:.3f} against the input's {kl_input:.3f}, ratio "
+          f"{kl_kept / kl_input if kl_input else float('nan'):.2f} (random sampling keeps the input's mix: 1.0; "
+          "lower is more even)")
     scored = sorted(((float(dict(r.headers)["sf-askllm"]), msgpack.unpackb(r.value)) for r in accepted + rejected),
                     key=lambda x: x[0])
-    note = "" if real else "  (offline test models: random weights, not meaningful)"
+    note = "" if real else "  (Ask-LLM here has RANDOM WEIGHTS: these scores mean nothing)"
     print(f"\nhighest Ask-LLM P(yes){note}:")
     for score, doc in reversed(scored[-3:]):
         print(f"  {score:.4f}  {doc['id']:<10} {json.dumps(doc['text'][:90], ensure_ascii=False)}")
     print("lowest Ask-LLM P(yes):")
     for score, doc in scored[:3]:
         print(f"  {score:.4f}  {doc['id']:<10} {json.dumps(doc['text'][:90], ensure_ascii=False)}")
+
+
+def topic_kl(counts: collections.Counter, topics: collections.Counter) -> float:
+    """KL divergence (nats) of the mix `counts` over the topics of `topics` from the uniform mix."""
+    import math
+
+    total = sum(counts.values())
+    if not total:
+        return float("nan")
+    return sum((c / total) * math.log((c / total) * len(topics)) for c in counts.values() if c)
