@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -236,8 +237,19 @@ class ConsumerWatch:
         self._probed_at = 0.0
         self._records_at = time.monotonic()
 
-    def got_records(self) -> None:
+    def got_records(self, records: Sequence = ()) -> None:
+        """Records were polled. With `records` (kafka ConsumerRecords), the lag in seconds of each of
+        their partitions is set: the age of the oldest record just taken, the oldest one unprocessed."""
         self._records_at = time.monotonic()
+        oldest: dict[tuple[str, int], int] = {}
+        for r in records:
+            if r.timestamp is not None and r.timestamp >= 0:
+                key = (r.topic, r.partition)
+                oldest[key] = min(oldest.get(key, r.timestamp), r.timestamp)
+        now_ms = time.time() * 1000
+        for (topic, partition), ts in oldest.items():
+            metrics.CONSUMER_LAG_SECONDS.labels(self.health.stage, topic, str(partition)).set(
+                max(0.0, (now_ms - ts) / 1000))
 
     def reset(self) -> None:
         self._records_at = time.monotonic()
@@ -269,8 +281,10 @@ class ConsumerWatch:
             # Lag from the high watermark, not the stable end: records held back by an open upstream
             # transaction are lag an operator must see (the no-progress alert reads it).
             high = consumer.highwater(tp)
-            metrics.CONSUMER_LAG.labels(stage, tp.topic, str(tp.partition)).set(
-                max(0, (end if high is None else max(high, end)) - position))
+            lag = max(0, (end if high is None else max(high, end)) - position)
+            metrics.CONSUMER_LAG.labels(stage, tp.topic, str(tp.partition)).set(lag)
+            if lag == 0:  # caught up: nothing waits (the age of the last records taken is not lag)
+                metrics.CONSUMER_LAG_SECONDS.labels(stage, tp.topic, str(tp.partition)).set(0)
             if position < end and tp not in skip:
                 behind[tp] = (position, end)
         if not behind:
@@ -290,10 +304,11 @@ class ConsumerWatch:
 
 def forget_lag(stage: str, partitions) -> None:
     for tp in partitions:
-        try:
-            metrics.CONSUMER_LAG.remove(stage, tp.topic, str(tp.partition))
-        except KeyError:
-            pass
+        for gauge in (metrics.CONSUMER_LAG, metrics.CONSUMER_LAG_SECONDS):
+            try:
+                gauge.remove(stage, tp.topic, str(tp.partition))
+            except KeyError:
+                pass
 
 
 # -- start-up checks ---------------------------------------------------------------------------

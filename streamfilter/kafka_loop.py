@@ -413,7 +413,7 @@ class TransactionalLoop:
             if time.monotonic() >= deadline and (records or remaining_ms == 0):
                 break
         if records:
-            self.watch.got_records()
+            self.watch.got_records(records)
             self.sizer.observe(len(records), filled=len(records) >= limit or size_bytes >= max_bytes)
         if self.watch.probe(consumer, skip=consumer.paused()):
             self._recreate_consumer()

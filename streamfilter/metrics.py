@@ -10,10 +10,13 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import (
-    CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest,
+    CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, PlatformCollector, ProcessCollector,
+    generate_latest,
 )
 
 REGISTRY = CollectorRegistry(auto_describe=True)
+ProcessCollector(registry=REGISTRY)  # process_cpu_seconds_total, process_resident_memory_bytes, ...
+PlatformCollector(registry=REGISTRY)  # python_info
 
 
 def _version() -> str:
@@ -58,6 +61,10 @@ DECISIONS = Counter("streamfilter_decisions_total", "Route decisions by policy a
                     ["policy", "decision"], registry=REGISTRY)
 CONSUMER_LAG = Gauge("streamfilter_consumer_lag_records", "High watermark minus position, per input partition.",
                      ["stage", "topic", "partition"], registry=REGISTRY)
+CONSUMER_LAG_SECONDS = Gauge(
+    "streamfilter_consumer_lag_seconds", "Age of the oldest unprocessed record per input partition: the produce "
+    "timestamp of the oldest record of the last batch taken from it, 0 once the partition is caught up.",
+    ["stage", "topic", "partition"], registry=REGISTRY)
 SKETCH_DOCUMENTS = Gauge("streamfilter_sketch_documents", "Documents counted in the density sketch.",
                          registry=REGISTRY)
 SNAPSHOT_TIMESTAMP = Gauge(
@@ -91,6 +98,7 @@ BATCH_RETRIES = Counter(
 # rates and alerts see a series before the first increment (register_stage).
 QUARANTINE_REASONS = ("model_error", "unencodable", "output_too_large", "stage_error")
 BATCH_RETRY_CAUSES = ("broker", "split", "stall", "stage")
+BATCH_DROP_CAUSES = ("rebalance", "retry")
 
 BUILD_INFO.info({"version": _version()})
 
@@ -106,6 +114,9 @@ def register_stage(stage: str) -> None:
         QUARANTINED.labels(stage, reason)
     for cause in BATCH_RETRY_CAUSES:
         BATCH_RETRIES.labels(stage, cause)
+    if stage in ("score", "route", "replay"):  # the transactional stages: the only ones that drop batches
+        for cause in BATCH_DROP_CAUSES:
+            BATCHES_DROPPED.labels(stage, cause)
 
 
 class Readiness:

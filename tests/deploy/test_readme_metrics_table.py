@@ -24,6 +24,8 @@ def test_every_metric_is_in_the_table_with_its_type_and_labels():
     rows = documented()
     exported = set()
     for collector, _ in metrics.REGISTRY._collector_to_names.items():
+        if not hasattr(collector, "_type"):  # prometheus-client's process and platform collectors
+            continue
         kind = collector._type
         name = collector._name + EXPOSED_SUFFIX.get(kind, "")
         labels = set(collector._labelnames) or ({"version"} if kind == "info" else set())
@@ -33,3 +35,13 @@ def test_every_metric_is_in_the_table_with_its_type_and_labels():
         assert doc_type == ("gauge" if kind == "info" else kind), name
         assert doc_labels == labels, f"{name}: documented labels {doc_labels}, exported {labels}"
     assert set(rows) == exported, f"documented but not exported: {set(rows) - exported}"
+
+
+def test_process_cpu_and_memory_are_exported_and_documented():
+    from prometheus_client import generate_latest
+
+    text = generate_latest(metrics.REGISTRY).decode()
+    readme = (REPO / "deploy" / "README.md").read_text()
+    for name in ("process_cpu_seconds_total", "process_resident_memory_bytes", "python_info"):
+        assert re.search(rf"^{name}[{{ ]", text, re.M), name
+        assert f"`{name}`" in readme, f"{name} is not documented in deploy/README.md"
