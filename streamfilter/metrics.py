@@ -33,7 +33,7 @@ INPUT_DOCUMENTS = Counter(
     "an aborted transaction or a rebalance counts again).", ["stage"], registry=REGISTRY)
 DOCUMENTS = Counter(
     "streamfilter_documents_total", "Documents handled, by stage and outcome "
-    "(score: scored|dlq; route: accepted|rejected|dlq; sketch: counted|skipped).",
+    "(score: scored|dlq; route: accepted|rejected|dlq; sketch: counted|skipped; sink: written|skipped).",
     ["stage", "outcome"], registry=REGISTRY)
 DLQ = Counter("streamfilter_dlq_documents_total", "Documents sent to the dead-letter topic, by reason.",
               ["stage", "reason"], registry=REGISTRY)
@@ -73,6 +73,11 @@ SNAPSHOT_TIMESTAMP = Gauge(
 SNAPSHOTS_WRITTEN = Counter("streamfilter_snapshots_written_total", "Snapshots written.", registry=REGISTRY)
 SNAPSHOTS_CORRUPT = Counter("streamfilter_snapshots_corrupt_total",
                             "Snapshot files skipped because their checksum or format was bad.", registry=REGISTRY)
+SINK_SHARDS = Counter("streamfilter_sink_shards_total", "Shards the sink has made visible (renamed or uploaded whole).",
+                      ["format"], registry=REGISTRY)
+SINK_SHARD_SECONDS = Histogram(
+    "streamfilter_sink_shard_write_seconds", "Time to encode, compress and publish one shard.", ["format"],
+    registry=REGISTRY, buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
 TRANSACTIONS = Counter("streamfilter_transactions_total", "Kafka transactions by stage and outcome.",
                        ["stage", "outcome"], registry=REGISTRY)
 BATCHES_DROPPED = Counter(

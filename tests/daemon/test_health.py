@@ -80,6 +80,27 @@ def test_live_and_metrics_answer_at_once_while_no_broker_does(daemon_config, sta
     assert time.monotonic() - stopping < shutdown_timeout_s, "SIGTERM during the Kafka wait took too long"
 
 
+def test_a_missing_model_folder_fails_before_any_topic_or_group_is_touched(bootstrap, names, daemon_config, tmp_path):
+    """Observed: a typo'd model path surfaced only after the topics were created and the group
+    joined (and the score stage then failed its model load); the message gave no way forward."""
+    from kafka.admin import KafkaAdminClient
+
+    fresh = names.topic("never-created")
+    config, _, _ = daemon_config(models={"askllm": str(tmp_path / "no-such-model")}, topics={"scored": fresh})
+    result = subprocess.run([sys.executable, "-m", "streamfilter", "run", "--config", str(config)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and errors[0].startswith("streamfilter run: error: models.askllm: "), result.stderr
+    assert "models build-test-models" in errors[0] and "models export askllm" in errors[0]
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        assert fresh not in admin.list_topics()
+        assert not [g for g in admin.list_groups() if g["group_id"].startswith(names.prefix)]
+    finally:
+        admin.close()
+
+
 def test_a_taken_metrics_port_fails_fast_with_one_line(daemon_config, tmp_path):
     dead = f"127.0.0.1:{free_port()}"
     with socket.socket() as taken:
