@@ -128,6 +128,16 @@ class PolicyConfig:
 
 
 @dataclass
+class OutputConfig:
+    # The values of accepted, rejected and DLQ records: "msgpack" (the document map; the decision in
+    # headers) or "json" (one UTF-8 object per record: the document, decision, scores, provenance).
+    format: str = "msgpack"
+    # Input headers carried through to accepted/rejected records: "*" all, "" none, or a comma list
+    # of names (streamfilter's own sf-* headers are never carried).
+    input_headers: str = "*"
+
+
+@dataclass
 class RouteConfig:
     emit_rejected: bool = True
     min_snapshot_docs: int = 1  # wait for a snapshot covering at least this many documents
@@ -170,6 +180,7 @@ class Config:
     sketch: SketchConfig = field(default_factory=SketchConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     route: RouteConfig = field(default_factory=RouteConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     sink: SinkConfig = field(default_factory=SinkConfig)
 
@@ -328,6 +339,7 @@ def validate(config: Config) -> None:
     check(0 < config.policy.keep_rate <= 1, "policy.keep_rate", "must be in (0, 1]")
     check(0 < config.policy.quality_keep <= 1, "policy.quality_keep", "must be in (0, 1]")
     check(config.route.min_snapshot_docs >= 1, "route.min_snapshot_docs", "must be >= 1")
+    check(config.output.format in ("msgpack", "json"), "output.format", "must be msgpack or json")
     check(config.daemon.shutdown_timeout_s > 0, "daemon.shutdown_timeout_s", "must be > 0")
     check(config.daemon.retry_backoff_max_s > 0, "daemon.retry_backoff_max_s", "must be > 0")
     check(0 <= config.daemon.crash_before_commit <= 1, "daemon.crash_before_commit", "must be in [0, 1]")

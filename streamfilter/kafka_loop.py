@@ -67,7 +67,7 @@ from streamfilter.kafka_clients import (
     Backoff, ConsumerWatch, SizeLimits, StageHealth, end_transaction, forget_lag, is_record_failure, new_consumer,
     new_transactional_producer, pending_offsets, record_size, send_offsets, txn_wait_ms,
 )
-from streamfilter.records import dlq_headers, dlq_value
+from streamfilter.records import dlq_headers, dlq_json, dlq_value
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,7 @@ class Outputs(list):
         super().__init__(*args)
         self.tally: dict[tuple, float] = {}
         self.observations: list[tuple[object, float]] = []  # (histogram, labels applied), value
+        self.since: list[tuple[object, float]] = []  # (histogram, labels applied), unix seconds
 
     def count(self, counter, labels: tuple[str, ...], n: float = 1) -> None:
         key = (counter, labels)
@@ -99,12 +100,19 @@ class Outputs(list):
     def observe(self, histogram, value: float) -> None:
         self.observations.append((histogram, value))
 
+    def observe_since(self, histogram, since_unix_s: float) -> None:
+        """Observe the time from `since_unix_s` to this batch's commit (a produce-to-decision latency)."""
+        self.since.append((histogram, since_unix_s))
+
     def add_dlq(self, topic: str, stage: str, exc: InvalidDocument, record, cap_bytes: int,
-                error: str | None = None) -> None:
+                error: str | None = None, fmt: str = "msgpack") -> None:
         """The DLQ entry for input `record`: its original bytes (at most `cap_bytes`, else a prefix with
-        the original's size and sha256 in headers) and the reason headers; counted on commit."""
+        the original's size and sha256 in headers) and the reason headers; counted on commit. With
+        `fmt = "json"` (output.format) the value is a JSON object of the same, the bytes in base64."""
         value, extra = dlq_value(record.value, cap_bytes)
         headers = dlq_headers(exc, stage, record.topic, record.partition, record.offset, error)
+        if fmt == "json":
+            value = dlq_json(value, headers + extra)
         self.count(metrics.DLQ, (stage, exc.reason))
         self.count(metrics.DOCUMENTS, (stage, "dlq"))
         if exc.reason in metrics.QUARANTINE_REASONS:  # failed a step on its own, not invalid input
@@ -116,6 +124,7 @@ class Outputs(list):
         for key, n in other.tally.items():
             self.tally[key] = self.tally.get(key, 0) + n
         self.observations.extend(other.observations)
+        self.since.extend(other.since)
         return self
 
     def apply(self) -> None:
@@ -124,6 +133,9 @@ class Outputs(list):
                 counter.labels(*labels).inc(n)
         for histogram, value in self.observations:
             histogram.observe(value)
+        now = time.time()
+        for histogram, since in self.since:
+            histogram.observe(max(0.0, now - since))
 
 
 @dataclass
@@ -370,7 +382,7 @@ class TransactionalLoop:
         cause = exc.__cause__ if isinstance(exc, InvalidDocument) and exc.__cause__ is not None else exc
         outputs = Outputs()
         outputs.add_dlq(self.dlq_topic, self.stage, InvalidDocument(reason, detail), record,
-                        self.limits.dlq_value_bytes, error=type(cause).__name__)
+                        self.limits.dlq_value_bytes, error=type(cause).__name__, fmt=self.config.output.format)
         return outputs
 
     # -- consumer thread -------------------------------------------------------------

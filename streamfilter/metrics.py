@@ -61,6 +61,10 @@ DECISIONS = Counter("streamfilter_decisions_total", "Route decisions by policy a
                     ["policy", "decision"], registry=REGISTRY)
 CONSUMER_LAG = Gauge("streamfilter_consumer_lag_records", "High watermark minus position, per input partition.",
                      ["stage", "topic", "partition"], registry=REGISTRY)
+DECISION_LATENCY = Histogram(
+    "streamfilter_decision_latency_seconds", "From a document's produce timestamp on the raw topic to the commit "
+    "of its decision (accepted or rejected).", ["stage"], registry=REGISTRY,
+    buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200))
 CONSUMER_LAG_SECONDS = Gauge(
     "streamfilter_consumer_lag_seconds", "Age of the oldest unprocessed record per input partition: the produce "
     "timestamp of the oldest record of the last batch taken from it, 0 once the partition is caught up.",

@@ -14,6 +14,7 @@ coordinates, so that re-routing never runs a model again.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import math
@@ -342,3 +343,99 @@ def dlq_value(value: bytes | None, cap_bytes: int) -> tuple[bytes, list[tuple[st
         ("sf-dlq-original-bytes", str(len(value)).encode()),
         ("sf-dlq-original-sha256", hashlib.sha256(value).hexdigest().encode()),
     ]
+
+
+# -- output records: what accepted, rejected and DLQ records carry (README, "Output records") ---------
+
+OUTPUT_FORMATS = ("msgpack", "json")
+OUTPUT_SCHEMA_VERSION = 1  # the "schema_version" of JSON output values; bumped on an incompatible change
+RESERVED_HEADER_PREFIX = "sf-"  # streamfilter's own headers: never carried over from the input
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Which run decided a record: the policy and its parameters, and the job (`live` or a replay's id)."""
+
+    policy: str
+    keep_rate: float
+    quality_keep: float | None
+    seed: int
+    job: str = "live"
+
+    def headers(self) -> list[tuple[str, bytes]]:
+        out = [("sf-keep-rate", repr(self.keep_rate).encode()), ("sf-policy-seed", str(self.seed).encode()),
+               ("sf-job", self.job.encode())]
+        if self.quality_keep is not None:
+            out.append(("sf-quality-keep", repr(self.quality_keep).encode()))
+        return out
+
+    def to_map(self) -> dict:
+        return {"name": self.policy, "keep_rate": self.keep_rate, "quality_keep": self.quality_keep,
+                "seed": self.seed}
+
+
+def carried_headers(headers, allow: str) -> list[tuple[str, bytes]]:
+    """The input headers passed on to outputs: all (`allow = "*"`), none (`""`) or the named ones
+    (comma-separated); streamfilter's own `sf-*` headers are never carried (they would read as ours)."""
+    if not headers or not allow.strip():
+        return []
+    names = None if allow.strip() == "*" else {n.strip() for n in allow.split(",") if n.strip()}
+    return [(k, v if isinstance(v, bytes) else b"" if v is None else bytes(v)) for k, v in headers
+            if not k.startswith(RESERVED_HEADER_PREFIX) and (names is None or k in names)]
+
+
+def json_safe(value: Any) -> Any:
+    """A document value as JSON can carry it: bytes become {"$base64": ...} (msgpack input may hold bin)."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return {"$base64": base64.b64encode(bytes(value)).decode("ascii")}
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def _finite_or_none(x: float | None) -> float | None:
+    return None if x is None or not math.isfinite(x) else float(x)
+
+
+def decision_json(scored: "ScoredRecord", decision, provenance: Provenance) -> bytes:
+    """An accepted/rejected record's value in the `json` output format: one UTF-8 JSON object."""
+    topic, partition, offset = scored.source
+    obj = {
+        "schema_version": OUTPUT_SCHEMA_VERSION,
+        "kind": "decision",
+        **json_safe(scored.document.to_map()),
+        "decision": "accept" if decision.keep else "reject",
+        "scores": {"askllm": _finite_or_none(decision.askllm), "density": _finite_or_none(decision.density),
+                   "probability": _finite_or_none(decision.probability),
+                   "perplexity": _finite_or_none(scored.perplexity)},
+        "policy": provenance.to_map(),
+        "snapshot": decision.snapshot_id or None,
+        "job": provenance.job,
+        "models": {"askllm": scored.askllm_model, "embedder": scored.embedder_model,
+                   **({"perplexity": scored.perplexity_model} if scored.perplexity_model else {})},
+        "source": {"topic": topic, "partition": partition, "offset": offset},
+    }
+    return json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
+
+
+def dlq_json(value: bytes, headers: list[tuple[str, bytes]]) -> bytes:
+    """A DLQ record's value in the `json` output format: the entry's metadata and the original bytes in base64
+    (as capped by `dlq_value`); the same `sf-dlq-*` headers are on the record as in the msgpack format."""
+    h = {k: v.decode("utf-8", "replace") for k, v in headers}
+    obj = {
+        "schema_version": OUTPUT_SCHEMA_VERSION,
+        "kind": "dlq",
+        "reason": h.get("sf-dlq-reason"),
+        "error": h.get("sf-dlq-error"),
+        "detail": h.get("sf-dlq-detail"),
+        "stage": h.get("sf-stage"),
+        "source": {"topic": h.get("sf-source-topic"), "partition": int(h.get("sf-source-partition", -1)),
+                   "offset": int(h.get("sf-source-offset", -1))},
+        "original_base64": base64.b64encode(value).decode("ascii"),
+        "truncated": h.get("sf-dlq-truncated") == "1",
+        **({"original_bytes": int(h["sf-dlq-original-bytes"]), "original_sha256": h.get("sf-dlq-original-sha256")}
+           if "sf-dlq-original-bytes" in h else {}),
+    }
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")

@@ -46,6 +46,8 @@ def register(subparsers) -> None:
     p.add_argument("--output", metavar="TOPIC", help="where kept documents (route) or scored records (rescore) go")
     p.add_argument("--rejected-output", metavar="TOPIC", help="route: also write rejected documents here")
     p.add_argument("--dlq", metavar="TOPIC", help="undecodable input (default: OUTPUT.dlq)")
+    p.add_argument("--append", action="store_true",
+                   help="write into an output topic that already holds records of another job or the live route")
     _policy_arguments(p)
     p.add_argument("--job-id", help="names the replay's consumer group and transactional id; rerunning with the "
                                     "same id resumes it (default: derived from the arguments)")
@@ -152,40 +154,95 @@ def _load_snapshot(config, ref: str, policy, dim: int | None, required: bool):
     return snapshot
 
 
+SCORED_PROBE_RECORDS = 20  # per partition: how far into the range a route replay looks for scored records
+
+
 def _first_embedding_dim(consumer, topic: str, ranges) -> int | None:
-    """The embedding dimension of the first decodable scored record in the range (None if there is none)."""
+    """The embedding dimension of the first decodable scored record in the range (None if there is none).
+
+    Raises `UserError` when the range has records but none of the first ones (up to
+    `SCORED_PROBE_RECORDS` per partition) is a scored record: a route replay of a raw or an
+    output topic would send every record to the DLQ."""
     from kafka.structs import TopicPartition
 
     from streamfilter.errors import InvalidDocument
     from streamfilter.records import decode_scored
 
+    examined, reason = 0, ""
     for partition, (start, end) in sorted(ranges.items()):
         if start >= end:
             continue
         tp = TopicPartition(topic, partition)
         consumer.assign([tp])
         consumer.seek(tp, start)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            records = consumer.poll(timeout_ms=500, max_records=5).get(tp, [])
+        deadline, seen = time.monotonic() + 10, 0
+        while time.monotonic() < deadline and seen < SCORED_PROBE_RECORDS:
+            records = consumer.poll(timeout_ms=500, max_records=SCORED_PROBE_RECORDS - seen).get(tp, [])
             for record in records:
                 if record.offset >= end:
                     break
+                seen += 1
                 try:
                     return int(decode_scored(record.value).embedding.shape[0])
-                except InvalidDocument:
-                    continue
-            if records or consumer.position(tp) >= end:
+                except InvalidDocument as exc:
+                    reason = reason or exc.detail
+            examined += len(records)
+            if not records and consumer.position(tp) >= end:
                 break
+    if examined:
+        raise UserError(f"{topic} does not hold scored records: none of the first {examined} records of the range "
+                        f"is one ({reason}); --mode route replays a scored topic (topics.scored), --mode rescore a "
+                        "raw one")
     return None
 
 
-def _prepare_route(config, snapshot):
+def _check_outputs_unused(config, topics: list[str], job_id: str, append: bool) -> None:
+    """Refuse to write into an output topic that already holds records of another job or of the live
+    route (their `sf-job` header, read from the newest records of each partition), unless `--append`."""
+    from kafka.structs import TopicPartition
+
+    from streamfilter.kafka_clients import new_consumer
+
+    if append:
+        return
+    consumer = new_consumer(config, None, allow_auto_create_topics=False)
+    try:
+        existing = consumer.topics()
+        for topic in filter(None, topics):
+            if topic not in existing:
+                continue
+            tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+            consumer.assign(tps)
+            ends = consumer.end_offsets(tps)
+            begins = consumer.beginning_offsets(tps)
+            others: dict[str, int] = {}
+            for tp in tps:
+                if ends[tp] <= begins[tp]:
+                    continue
+                consumer.seek(tp, max(begins[tp], ends[tp] - 50))  # the newest records (and markers)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and any(consumer.position(tp) < ends[tp] for tp in tps):
+                for part in consumer.poll(timeout_ms=300).values():
+                    for record in part:
+                        job = dict(record.headers or ()).get("sf-job", b"").decode("utf-8", "replace")
+                        if job != job_id:
+                            others[job or "an unknown writer (no sf-job header)"] = \
+                                others.get(job or "an unknown writer (no sf-job header)", 0) + 1
+            if others:
+                what = ", ".join(f"{'the live route' if j == 'live' else f'job {j!r}'} ({n} of its newest records)"
+                                 for j, n in sorted(others.items()))
+                raise UserError(f"--output/--rejected-output: {topic} already holds records from {what}; "
+                                "replay into a new topic, or pass --append to add to it")
+    finally:
+        consumer.close(autocommit=False)
+
+
+def _prepare_route(config, snapshot, job: str = "live"):
     from streamfilter.density.policy import PolicyNotReady
     from streamfilter.stages import RouteTransform
 
     try:
-        return RouteTransform(config, fixed=True, snapshot=snapshot, stage="replay")
+        return RouteTransform(config, fixed=True, snapshot=snapshot, stage="replay", job=job)
     except PolicyNotReady as exc:
         raise UserError(f"--snapshot: {exc}") from None
 
@@ -269,22 +326,23 @@ def _run_transactional(args, config, mode: str, input_topic: str, start, end, dl
             route_config = _route_config(config, args.output, args.rejected_output or "", dlq)
             needs = route_config.policy.name != "random"
             ref = state.snapshot_id if (resumed and state.snapshot_id and args.snapshot == "latest") else args.snapshot
-            dim = _first_embedding_dim(probe, input_topic, state.ranges) if needs else None
+            dim = _first_embedding_dim(probe, input_topic, state.ranges)  # also: the range holds scored records
             snapshot = _load_snapshot(route_config, ref, _policy_of(route_config), dim, required=needs)
             sid = snapshot.snapshot_id if snapshot is not None else ""
             if resumed and sid != state.snapshot_id:
                 raise ConfigError(f"--snapshot {args.snapshot}: job {job_id} started with snapshot "
                                   f"{state.snapshot_id or '(none)'}, not {sid or '(none)'}")
             state.snapshot_id = sid
-            transform = _prepare_route(route_config, snapshot)
+            transform = _prepare_route(route_config, snapshot, job_id)
         else:
             from streamfilter.stages import ScoreTransform
 
             score_config = dataclasses.replace(config, topics=dataclasses.replace(
                 config.topics, scored=args.output, dlq=dlq))
-            transform = ScoreTransform(score_config)
+            transform = ScoreTransform(score_config, job=job_id)
             transform.stage = "replay"
             prepare = transform.load
+        _check_outputs_unused(config, [args.output, args.rejected_output or ""], job_id, args.append)
         ensure_topics(config, [args.output, args.rejected_output or "", dlq],
                       {args.output: "--output", args.rejected_output or "": "--rejected-output", dlq: "--dlq"})
         if not resumed:

@@ -11,4 +11,5 @@ from streamfilter.kafka_loop import Outputs
 def add_dlq_output(outputs: Outputs, config: Config, stage: str, exc: InvalidDocument, record) -> None:
     """Append the DLQ entry for `record` to `config.topics.dlq` (original bytes up to the DLQ's cap,
     reason headers) and count it on commit."""
-    outputs.add_dlq(config.topics.dlq, stage, exc, record, SizeLimits.of(config).dlq_value_bytes)
+    outputs.add_dlq(config.topics.dlq, stage, exc, record, SizeLimits.of(config).dlq_value_bytes,
+                    fmt=config.output.format)

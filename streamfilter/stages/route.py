@@ -13,7 +13,9 @@ from streamfilter import metrics
 from streamfilter.config import Config, build_policy
 from streamfilter.errors import InvalidDocument
 from streamfilter.kafka_loop import Output, Outputs
-from streamfilter.records import ScoredRecord, decode_scored, encode_document
+from streamfilter.records import (
+    Provenance, ScoredRecord, carried_headers, decision_json, decode_scored, encode_document,
+)
 from streamfilter.stages.dlq import add_dlq_output
 
 log = logging.getLogger("streamfilter.stages")
@@ -29,7 +31,7 @@ class RouteTransform:
     stage = "route"
 
     def __init__(self, config: Config, stopping: threading.Event | None = None, *, fixed: bool = False,
-                 snapshot=None, stage: str | None = None):
+                 snapshot=None, stage: str | None = None, job: str = "live"):
         from streamfilter.density.snapshot import SnapshotStore
 
         self.config = config
@@ -42,6 +44,8 @@ class RouteTransform:
         if stage is not None:
             self.stage = stage
         self.stopping = stopping or threading.Event()
+        p = self.policy
+        self.provenance = Provenance(p.name, p.keep_rate, p.quality_keep, p.seed, job=job)
         self._checked_at = 0.0
         metrics.ACCEPT_RATE_TARGET.labels(self.policy.name).set(self.policy.keep_rate)
 
@@ -121,12 +125,22 @@ class RouteTransform:
             topic = topics.accepted if decision.keep else topics.rejected
             if topic:
                 try:
-                    value = encode_document(s.document)
+                    value = (decision_json(s, decision, self.provenance) if self.config.output.format == "json"
+                             else encode_document(s.document))
                 except Exception as exc:  # noqa: BLE001 - one document's fields, not the batch
                     add_dlq_output(outputs, self.config, self.stage,
                                    InvalidDocument("unencodable", f"{type(exc).__name__}: {exc}"), record)
                     continue
-                outputs.append(Output(topic, value, key=s.document.id.encode(), headers=decision_headers(decision, s)))
+                input_headers = getattr(record, "headers", None) or ()
+                headers = [*decision_headers(decision, s), *self.provenance.headers(),
+                           *carried_headers(input_headers, self.config.output.input_headers)]
+                outputs.append(Output(topic, value, key=s.document.id.encode(), headers=headers))
+                produced_ms = dict(input_headers).get("sf-produced-ms")
+                if produced_ms is not None:  # stamped by the score stage: the raw record's produce time
+                    try:
+                        outputs.observe_since(metrics.DECISION_LATENCY.labels(self.stage), int(produced_ms) / 1000)
+                    except ValueError:
+                        pass
             kept += decision.keep
             rejected += not decision.keep
             outputs.observe(metrics.KEEP_PROBABILITY.labels(decision.policy), decision.probability)

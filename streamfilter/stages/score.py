@@ -11,7 +11,7 @@ from streamfilter import metrics
 from streamfilter.config import Config
 from streamfilter.errors import InvalidDocument
 from streamfilter.kafka_loop import Output, Outputs
-from streamfilter.records import Document, ScoredRecord, decode_raw, encode_scored
+from streamfilter.records import Document, ScoredRecord, carried_headers, decode_raw, encode_scored
 from streamfilter.stages.dlq import add_dlq_output
 
 log = logging.getLogger("streamfilter.stages")
@@ -22,8 +22,9 @@ class ScoreTransform:
 
     stage = "score"
 
-    def __init__(self, config: Config, scorer=None, embedder=None, perplexity=None):
+    def __init__(self, config: Config, scorer=None, embedder=None, perplexity=None, *, job: str = "live"):
         self.config = config
+        self.job = job  # `sf-job` of the scored records: "live", or a replay's job id (rescore)
         self.scorer = scorer  # AskLLMScorer-like: score(texts, batch_size) -> [n] P(yes); model_id
         self.embedder = embedder  # SentenceEmbedder-like: embed(texts, batch_size) -> [n, dim]; model_id, dim
         self.perplexity = perplexity  # optional PerplexityScorer-like: score(texts, batch_size) -> [n] mean NLL
@@ -81,7 +82,13 @@ class ScoreTransform:
                                    InvalidDocument("unencodable", f"{type(exc).__name__}: {exc}"), record)
                     continue
                 outputs.observe(metrics.ASKLLM_SCORE, score)
-                outputs.append(Output(scored_topic, value, key=doc.id.encode()))
+                # the input's headers go on, and its produce time: the route measures produce-to-decision from it
+                headers = [*carried_headers(getattr(record, "headers", None), self.config.output.input_headers),
+                           ("sf-job", self.job.encode())]
+                produced_ms = getattr(record, "timestamp", None)
+                if produced_ms is not None and produced_ms >= 0:
+                    headers.append(("sf-produced-ms", str(produced_ms).encode()))
+                outputs.append(Output(scored_topic, value, key=doc.id.encode(), headers=headers))
                 scored += 1
             outputs.count(metrics.DOCUMENTS, (self.stage, "scored"), scored)
         return outputs

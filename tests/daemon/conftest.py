@@ -179,10 +179,11 @@ def malformed_values(n: int) -> list[bytes]:
     return [MALFORMED_KINDS[i % len(MALFORMED_KINDS)](i) for i in range(n)]
 
 
-def produce(bootstrap: str, topic: str, values: list[bytes], keys: list[bytes | None] | None = None) -> None:
+def produce(bootstrap: str, topic: str, values: list[bytes], keys: list[bytes | None] | None = None,
+            headers: list[tuple[str, bytes]] | None = None) -> None:
     producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, max_request_size=16 * 1_048_576)
     for i, value in enumerate(values):
-        producer.send(topic, value=value, key=keys[i] if keys else None)
+        producer.send(topic, value=value, key=keys[i] if keys else None, headers=headers)
     producer.flush()
     producer.close()
 

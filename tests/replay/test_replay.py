@@ -130,14 +130,22 @@ def test_replaying_the_live_route_reproduces_every_decision(bootstrap, replay_co
         out = {}
         for name in names:
             for r in collector.records[name]:
-                out[msgpack.unpackb(r.value)["id"]] = (r.value, dict(r.headers))
+                headers = dict(r.headers)
+                out[msgpack.unpackb(r.value)["id"]] = (r.value, headers, headers.pop("sf-job"))
         return out
 
     before, after = decisions(live, live_out), decisions(replayed, replay_out)
     assert len(before) == len(after) == len(records)
+    # the same decisions, told apart by the job that made them
+    assert {job for *_, job in before.values()} == {b"live"}
+    assert len({job for *_, job in after.values()}) == 1 and b"live" not in {job for *_, job in after.values()}
+    before = {doc: (value, headers) for doc, (value, headers, _) in before.items()}
+    after = {doc: (value, headers) for doc, (value, headers, _) in after.items()}
     differing = [doc for doc in before if before[doc] != after[doc]]
     assert not differing, f"{len(differing)} decisions differ, e.g. {before[differing[0]]} vs {after[differing[0]]}"
     kept = sum(h["sf-decision"] == b"accept" for _, h in before.values())
+    assert {h["sf-keep-rate"] for _, h in before.values()} == {b"0.3"}  # provenance: the policy's parameters
+    assert {h["sf-policy-seed"] for _, h in before.values()} == {b"7"}
     assert 0.2 < kept / len(records) < 0.4
     assert {h["sf-snapshot"] for _, h in after.values()} == {snapshot_id.encode()}
     # the range ended in commit markers; the finished job still knows it is finished
@@ -178,6 +186,60 @@ def test_bad_arguments_fail_with_one_line_before_anything_is_produced(bootstrap,
     admin = KafkaAdminClient(bootstrap_servers=bootstrap)
     try:
         assert not [t for t in admin.list_topics() if t.startswith(out)], "a failed replay created its output"
+    finally:
+        admin.close()
+
+
+def test_a_replay_into_a_topic_another_job_wrote_is_refused_unless_append(bootstrap, replay_config):
+    """Replay outputs could not be told apart: a second replay (or the live route) into the same topic
+    mixed two runs' decisions silently."""
+    config, topics, snapshots = replay_config()
+    records = scored_records(300, seed=8)
+    build_snapshot(records, snapshots)
+    produce_scored(bootstrap, topics["scored"], records)
+    out = topics["accepted"] + ".replayed"
+    first = streamfilter("replay", "--config", str(config), "--output", out, "--job-id", "first")
+    assert first.returncode == 0, first.stderr[-3000:]
+    written = count_committed(bootstrap, [out])
+    assert written > 0
+
+    second = streamfilter("replay", "--config", str(config), "--output", out, "--job-id", "second",
+                          "--keep-rate", "0.5")
+    errors = [line for line in second.stderr.splitlines() if "error" in line]
+    assert second.returncode != 0 and len(errors) == 1, second.stderr[-3000:]
+    assert f"{out} already holds records from job 'first'" in errors[0] and "--append" in errors[0]
+    assert count_committed(bootstrap, [out]) == written  # refused before producing anything
+
+    appended = streamfilter("replay", "--config", str(config), "--output", out, "--job-id", "second",
+                            "--keep-rate", "0.5", "--append")
+    assert appended.returncode == 0, appended.stderr[-3000:]
+    collector = collect(bootstrap, [out], written + 1)
+    jobs = collections.Counter(dict(r.headers)["sf-job"] for r in collector.records[out])
+    assert set(jobs) == {b"first", b"second"} and jobs[b"first"] == written
+
+    # the live route's output is another writer too
+    live = streamfilter("replay", "--config", str(config), "--output", topics["accepted"], "--job-id", "third")
+    assert live.returncode == 0, live.stderr[-3000:]  # empty so far: nothing to refuse
+    produce(bootstrap, topics["rejected"], [b"x"], headers=[("sf-job", b"live")])
+    refused = streamfilter("replay", "--config", str(config), "--output", topics["rejected"], "--job-id", "fourth")
+    assert refused.returncode != 0 and "the live route" in refused.stderr, refused.stderr[-3000:]
+
+
+def test_a_route_replay_of_a_topic_without_scored_records_fails_before_producing(bootstrap, replay_config):
+    """Observed: `replay --mode route` over a raw topic sent every record to the DLQ and exited 0."""
+    config, topics, snapshots = replay_config()
+    build_snapshot(scored_records(100, seed=9), snapshots)
+    produce(bootstrap, topics["raw"], [msgpack.packb({"id": f"r{i}", "text": f"raw document {i}"}) for i in range(60)])
+    out = topics["accepted"] + ".from-raw"
+    for policy in ("askllm+density", "random"):
+        result = streamfilter("replay", "--config", str(config), "--input", topics["raw"], "--output", out,
+                              "--policy", policy)
+        errors = [line for line in result.stderr.splitlines() if "error" in line]
+        assert result.returncode != 0 and len(errors) == 1, result.stderr[-3000:]
+        assert f"{topics['raw']} does not hold scored records" in errors[0] and "--mode rescore" in errors[0]
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        assert not [t for t in admin.list_topics() if t.startswith(out)], "the refused replay created its output"
     finally:
         admin.close()
 
