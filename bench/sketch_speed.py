@@ -5,6 +5,7 @@ ratios much less). Timings are medians of interleaved repeats.
 
     python bench/sketch_speed.py                     # D=768, R=1000, B=20000, default K
     python bench/sketch_speed.py --k 4 8 16          # overhead per K
+    python bench/sketch_speed.py --leave-one-out     # also the daemon's leave-one-out query (issue 13)
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def interleaved(fns: dict[str, callable], repeats: int) -> dict[str, float]:
     return {k: float(np.median(v)) for k, v in times.items()}
 
 
-def overhead(dim: int, ks: list[int], batch: int, repeats: int) -> None:
+def overhead(dim: int, ks: list[int], batch: int, repeats: int, leave_one_out: bool = False) -> None:
     print(f"\n### Hash + add + query vs the bare projection matmul (D={dim}, R={DEFAULT_ROWS}, "
           f"B={DEFAULT_BUCKETS}, batch {batch}, float32, median of {repeats} interleaved repeats)\n")
     print("| K | matmul ms | add ms | query ms | add docs/s | query docs/s | add+query docs/s | "
@@ -53,11 +54,20 @@ def overhead(dim: int, ks: list[int], batch: int, repeats: int) -> None:
         sketch.add(unit(20000, dim, 2))  # a populated sketch: realistic cache behaviour for the gathers
         a = sketch.projections  # the bare projection: x @ A, same shapes, no bookkeeping at all,
         out = np.empty((batch, a.shape[1]), dtype=np.float32)  # into a preallocated output (pure compute)
-        t = interleaved({"matmul": lambda: np.matmul(x, a, out=out), "add": lambda: sketch.add(x),
-                         "query": lambda: sketch.query(x)}, repeats)
+        fns = {"matmul": lambda: np.matmul(x, a, out=out), "add": lambda: sketch.add(x),
+               "query": lambda: sketch.query(x)}
+        if leave_one_out:  # the same counters read by the leave-one-out estimator, timed in the same rounds
+            loo = RaceSketch.from_arrays({**sketch.to_arrays(), "leave_one_out": np.array(True)})
+            fns["query leave-one-out"] = lambda: loo.query(x)
+        t = interleaved(fns, repeats)
         mm, add, q = t["matmul"], t["add"], t["query"]
         print(f"| {k} | {mm * 1e3:.1f} | {add * 1e3:.1f} | {q * 1e3:.1f} | {batch / add:,.0f} | {batch / q:,.0f} | "
               f"{batch / (add + q):,.0f} | {add / mm - 1:+.0%} | {q / mm - 1:+.0%} | {(add + q) / (2 * mm) - 1:+.0%} |")
+        if leave_one_out:
+            ql = t["query leave-one-out"]
+            print(f"| {k}, leave-one-out query | {mm * 1e3:.1f} | {add * 1e3:.1f} | {ql * 1e3:.1f} | {batch / add:,.0f} | "
+                  f"{batch / ql:,.0f} | {batch / (add + ql):,.0f} | {add / mm - 1:+.0%} | {ql / mm - 1:+.0%} | "
+                  f"{(add + ql) / (2 * mm) - 1:+.0%} |")
 
 
 def snapshots(dim: int, k: int) -> None:
@@ -121,6 +131,7 @@ def main() -> None:
     parser.add_argument("--kde-n", type=int, default=100_000)
     parser.add_argument("--kde-probe", type=int, default=2000)
     parser.add_argument("--skip", nargs="*", default=[], choices=["overhead", "snapshot", "kde"])
+    parser.add_argument("--leave-one-out", action="store_true", help="also time the leave-one-out query")
     args = parser.parse_args()
     import threadpoolctl  # noqa: F401  (report the BLAS in use)
 
@@ -129,7 +140,7 @@ def main() -> None:
     blas = ", ".join(f"{i['internal_api']} {i.get('version')} ({i['num_threads']} threads)" for i in threadpool_info())
     print(f"<!-- numpy {np.__version__}; {blas}; {os.cpu_count()} CPUs -->")
     if "overhead" not in args.skip:
-        overhead(args.dim, args.k, args.batch, args.repeats)
+        overhead(args.dim, args.k, args.batch, args.repeats, args.leave_one_out)
     k = DEFAULT_K if DEFAULT_K in args.k else args.k[0]
     if "snapshot" not in args.skip:
         snapshots(args.dim, k)

@@ -111,7 +111,9 @@ class SketchConfig:
     rows: int = 1000  # paper: R=1000
     buckets: int = 20000  # paper: B=20000
     k: int = 0  # 0 = the density package's measured default
-    width: float = 0.0  # 0 = the density package's measured default
+    width: float = 0.0  # 0 = calibrated on the first `calibration_docs` documents, then stored in the snapshots
+    calibration_docs: int = 1000  # documents the width is calibrated on (and a configured width checked against)
+    leave_one_out: bool = True  # a document's density excludes its own count (bench/RESULTS.md, issue 13)
     hash_seed: int = 0
     reservoir_size: int = 0  # 0 = the density package's default
     snapshot_dir: str = ".cache/snapshots"
@@ -333,7 +335,8 @@ def validate(config: Config) -> None:
     check(config.sketch.rows >= 1, "sketch.rows", "must be >= 1")
     check(config.sketch.buckets >= 2, "sketch.buckets", "must be >= 2")
     check(config.sketch.k >= 0, "sketch.k", "must be >= 0 (0 = default)")
-    check(config.sketch.width >= 0, "sketch.width", "must be >= 0 (0 = default)")
+    check(config.sketch.width >= 0, "sketch.width", "must be >= 0 (0 = calibrate on the stream)")
+    check(config.sketch.calibration_docs >= 2, "sketch.calibration_docs", "must be >= 2")
     check(config.sketch.snapshot_interval_s > 0, "sketch.snapshot_interval_s", "must be > 0")
     check(config.sketch.keep_snapshots >= 1, "sketch.keep_snapshots", "must be >= 1")
     check(0 < config.policy.keep_rate <= 1, "policy.keep_rate", "must be in (0, 1]")

@@ -12,6 +12,14 @@ The default target, 5e-4, is what K=8, w=1.5 gives on all-MiniLM-L6-v2 embedding
 Wikipedia summaries, the setting the benchmarks chose (bench/RESULTS.md, "Density sketch").
 On that data the best coverage of each K sat at random-pair collision ~5e-4 (near-duplicate
 over-representation) to ~5e-3 (over-representation by distinct documents).
+
+The daemon's sketch is leave-one-out (race.py), which lets it use a narrower kernel: it
+calibrates its own width from the first `DEFAULT_CALIBRATION_DOCS` documents of the stream
+(`stream_width`, random-pair collision `STREAM_TARGET_RANDOM_COLLISION` = 1e-4, w = 1.16 at
+K = 8 on MiniLM) and stores it in the sketch, so a restart or a replay never re-derives it.
+The median random-pair distance is used because it is stable in the sample size (a
+nearest-neighbour distance shrinks as the sample grows). bench/RESULTS.md, "Density
+fidelity (issue 13)", has the measurements behind the target.
 """
 
 from __future__ import annotations
@@ -22,7 +30,11 @@ import numpy as np
 
 from streamfilter.density.race import RaceSketch, lsh_kernel
 
-DEFAULT_TARGET_RANDOM_COLLISION = 5e-4
+DEFAULT_TARGET_RANDOM_COLLISION = 5e-4  # the plain (not leave-one-out) sketch's, w = 1.5 at K = 8 on MiniLM
+STREAM_TARGET_RANDOM_COLLISION = 1e-4  # the leave-one-out sketch the daemon builds
+DEFAULT_CALIBRATION_DOCS = 1000  # the daemon calibrates on this many first documents
+CALIBRATION_PAIRS = 20000  # random pairs whose median distance sets the width
+WIDTH_DIGITS = 4  # calibrated widths are rounded to this many significant digits (what the config line shows)
 DEFAULT_NEIGHBOURS = 10
 DEFAULT_SAMPLE = 2000
 
@@ -76,6 +88,30 @@ def width_for_collision(distance: float, k: int, target: float) -> float:
         else:
             hi = mid
     return float(np.sqrt(lo * hi))
+
+
+def random_pair_distance(sample: np.ndarray, pairs: int = CALIBRATION_PAIRS, seed: int = 0) -> float:
+    """Median distance of `pairs` random pairs of distinct rows of sample [n >= 2, dim] (float64 arithmetic).
+
+    Deterministic for a given sample and seed: the pairs come from numpy's PCG64 stream of `seed`.
+    """
+    x = np.asarray(sample, dtype=np.float64)
+    n = x.shape[0]
+    if x.ndim != 2 or n < 2:
+        raise ValueError(f"need at least 2 embeddings [n, dim] to calibrate, got shape {x.shape}")
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, n, size=pairs)
+    b = (a + rng.integers(1, n, size=pairs)) % n  # never a point with itself
+    return float(np.median(np.linalg.norm(x[a] - x[b], axis=1)))
+
+
+def stream_width(sample: np.ndarray, k: int, target: float = STREAM_TARGET_RANDOM_COLLISION, seed: int = 0) -> float:
+    """The width the daemon's sketch uses: p(d / w)^K == target at the median random-pair distance d of the
+    sample, rounded to `WIDTH_DIGITS` significant digits. Deterministic for a given sample, K, target and seed."""
+    distance = random_pair_distance(sample, seed=seed)
+    if distance <= 0:
+        raise ValueError("the calibration sample's random pairs are all identical points")
+    return float(f"{width_for_collision(distance, k, target):.{WIDTH_DIGITS}g}")
 
 
 def calibrate_width(embeddings: np.ndarray, k: int = 8, *, target_random: float = DEFAULT_TARGET_RANDOM_COLLISION,

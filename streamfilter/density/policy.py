@@ -27,12 +27,15 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from streamfilter.density.hashing import uniform_coins
-from streamfilter.density.snapshot import Snapshot
 from streamfilter.errors import ConfigError
+
+if TYPE_CHECKING:  # the snapshot format pulls in the quantile sketches: not needed to name the policies
+    from streamfilter.density.snapshot import Snapshot
 
 POLICY_NAMES = ("askllm", "density", "random", "askllm+density", "perplexity", "density-top", "density-bottom")
 DENSITY_RANK_POLICIES = ("density-top", "density-bottom")  # keep a fraction by density rank, no coin

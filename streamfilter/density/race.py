@@ -14,6 +14,20 @@ expected number of stream points sharing q's K-tuple in a row). Without the subt
 long stream (N >> B) adds a constant N/B to every score, which flattens inverse propensity
 sampling toward uniform-random sampling.
 
+Leave-one-out (`leave_one_out=True`, what the daemon builds): a query the sketch holds
+always finds itself in its bucket, in every row, so its kernel sum carries a 1 for itself
+that says nothing about density; with a kernel narrow enough to tell near-copies from
+merely related documents, that 1 outweighs the rest and sampling degenerates to random
+(bench/RESULTS.md, "Density fidelity"). A query whose counter is >= 1 in every row is
+taken to be in the sketch and its own count is removed:
+
+    E[C_r(q) | q added] = 1 + S'(q) + (N - 1 - S'(q)) / B,   S'(q) = the sum over the *other* points,
+
+so the estimate is (C - 1 - (N - 1)/B) / (1 - 1/B). A query that is not in the sketch but
+finds a counter in every row (an identical copy was added, or the region is so dense that
+no row is empty) loses 1 from a sum that is then large anyway; one that is in the sketch is
+never missed, so snapshots of the stream they score are exact in this respect.
+
 The hash parameters (projections, offsets, w, K, the tuple-hash multipliers) are stored
 with the sketch and never re-derived from the seed, because numpy's random streams are not
 stable across versions. Counters are int32 (the paper's 80 MB at R=1000, B=20000) and are
@@ -36,6 +50,7 @@ DEFAULT_ROWS = 1000
 DEFAULT_BUCKETS = 20000
 DEFAULT_K = 8
 DEFAULT_WIDTH = 1.5  # for unit-norm all-MiniLM-L6-v2 embeddings; run `streamfilter calibrate` for others
+# (the daemon calibrates its width from the stream instead: streamfilter.density.calibrate)
 SCORE_FLOOR = 1e-6  # queries never return less, so 1 / score is finite
 _INT32_MAX = np.iinfo(np.int32).max
 _ROUNDING_MAGIC = np.float32(1.5 * 2**23)  # x + this rounds x to an integer held in the low mantissa bits
@@ -75,6 +90,7 @@ class RaceSketch:
     counters: np.ndarray  # [rows, buckets] int32, or int64 once widened
     count: int = 0  # documents added
     seed: int = 0  # informational only: the parameters above are what define the hash
+    leave_one_out: bool = False  # query() removes a held query's own count (module docstring)
     _hash_matrix_t: np.ndarray = field(init=False, repr=False)  # derived: [k * rows, dim + 1] float32
     _row_base_col: np.ndarray = field(init=False, repr=False)  # derived: [rows, 1] int64, r * buckets
     _row_high_col: np.ndarray = field(init=False, repr=False)  # derived: [rows, 1] uint64, r << 32
@@ -113,6 +129,7 @@ class RaceSketch:
         k: int = DEFAULT_K,
         width: float = DEFAULT_WIDTH,
         seed: int = 0,
+        leave_one_out: bool = False,
     ) -> "RaceSketch":
         """A fresh, empty sketch whose hash parameters are drawn from `seed` (and then stored)."""
         if dim < 1 or rows < 1 or buckets < 2 or k < 1 or not (width > 0 and math.isfinite(width)):
@@ -131,6 +148,7 @@ class RaceSketch:
             counters=np.zeros((rows, buckets), dtype=np.int32),
             count=0,
             seed=int(seed),
+            leave_one_out=bool(leave_one_out),
         )
 
     @property
@@ -221,21 +239,35 @@ class RaceSketch:
 
     def raw_counts(self, x: np.ndarray) -> np.ndarray:
         """[n] float64 mean over rows of the counters x hashes to (the paper's score, not debiased)."""
+        return self._gather(x, held=False)[0]
+
+    def held(self, x: np.ndarray) -> np.ndarray:
+        """[n] bool: x's counter is >= 1 in every row (x, or an identical point, was added)."""
+        return self._gather(x, held=True)[1]
+
+    def _gather(self, x: np.ndarray, held: bool) -> tuple[np.ndarray, np.ndarray | None]:
         flat_counters = self.counters.reshape(-1)
-        out = np.empty(np.asarray(x).shape[0], dtype=np.float64)
+        n = np.asarray(x).shape[0]
+        out = np.empty(n, dtype=np.float64)
+        inside = np.empty(n, dtype=bool) if held else None
         for start, chunk in self._chunks(x):
             idx = self._hash(chunk)  # [rows, n]
             hits = np.take(flat_counters, idx)  # the one gather
             out[start:start + chunk.shape[0]] = hits.sum(axis=0, dtype=np.int64) / self.rows
-        return out
+            if held:
+                inside[start:start + chunk.shape[0]] = hits.min(axis=0) >= 1
+        return out, inside
 
     def query(self, x: np.ndarray) -> np.ndarray:
-        """[n] float64 debiased density score: an estimate of sum_x p(||x - q||)^K over added points.
+        """[n] float64 debiased density score: an estimate of sum_x p(||x - q||)^K over added points
+        (with `leave_one_out`, over the added points other than q itself).
 
         Scores are at least `SCORE_FLOOR` (debiasing can make a sparse region's estimate <= 0).
         """
-        raw = self.raw_counts(x)
+        raw, inside = self._gather(x, held=self.leave_one_out)
         spurious = self.count / self.buckets
+        if inside is not None:  # a held query: its own count, and one fewer point to collide spuriously
+            raw = raw - inside * (1.0 - 1.0 / self.buckets)
         score = (raw - spurious) / (1.0 - 1.0 / self.buckets)
         return np.maximum(score, SCORE_FLOOR)
 
@@ -243,7 +275,7 @@ class RaceSketch:
 
     def parameter_mismatch(self, other: "RaceSketch") -> str | None:
         """The name of the first hash parameter that differs from `other`'s, or None if all agree."""
-        for name in ("dim", "rows", "buckets", "k", "width"):
+        for name in ("dim", "rows", "buckets", "k", "width", "leave_one_out"):
             if getattr(self, name) != getattr(other, name):
                 return f"{name} ({getattr(self, name)} != {getattr(other, name)})"
         for name in ("projections", "offsets", "tuple_multipliers", "tuple_addend"):
@@ -283,6 +315,7 @@ class RaceSketch:
             "counters": self.counters,
             "count": np.array(self.count, dtype=np.int64),
             "seed": np.array(self.seed, dtype=np.int64),
+            "leave_one_out": np.array(self.leave_one_out, dtype=np.bool_),
         }
 
     @classmethod
@@ -305,4 +338,5 @@ class RaceSketch:
             counters=arrays["counters"],
             count=int(arrays["count"]),
             seed=int(arrays["seed"]),
+            leave_one_out=bool(arrays["leave_one_out"]) if "leave_one_out" in arrays else False,  # older snapshots
         )

@@ -50,11 +50,12 @@ def find(ref: str, directory: str | Path) -> tuple[Path, Snapshot]:
 
 
 def expected_parameters(config) -> dict:
-    """The sketch parameters the configuration describes (0 = the density package's default)."""
+    """The sketch parameters the configuration describes (0 = the density package's default; a width of 0
+    is calibrated on the stream, so any stored width matches it)."""
     from streamfilter.density import race
 
     s = config.sketch
-    return {"rows": s.rows, "buckets": s.buckets, "k": s.k or race.DEFAULT_K, "width": s.width or race.DEFAULT_WIDTH}
+    return {"rows": s.rows, "buckets": s.buckets, "k": s.k or race.DEFAULT_K, **({"width": s.width} if s.width else {})}
 
 
 def config_mismatch(snapshot: Snapshot, config) -> str | None:

@@ -65,8 +65,9 @@ class SketchAggregator:
 
         s = self.config.sketch
         return SketchState.create(
-            dim, rows=s.rows, buckets=s.buckets, k=s.k or race.DEFAULT_K, width=s.width or race.DEFAULT_WIDTH,
-            seed=s.hash_seed, policy_seed=self.config.policy.seed,
+            dim, rows=s.rows, buckets=s.buckets, k=s.k or race.DEFAULT_K, width=s.width or None,  # None: calibrate
+            seed=s.hash_seed, policy_seed=self.config.policy.seed, leave_one_out=s.leave_one_out,
+            calibration_docs=s.calibration_docs,
             reservoir_size=s.reservoir_size or reservoir.DEFAULT_RESERVOIR_SIZE, policies=[self.policy])
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -159,7 +160,7 @@ class SketchAggregator:
             return
         metrics.INPUT_DOCUMENTS.labels(self.stage).inc(len(records))
         ids, embeddings, askllm, coords, nll = [], [], [], [], []
-        dim = self.state.sketch.projections.shape[0] if self.state is not None else None
+        dim = self.state.dim if self.state is not None else None
         for record in records:
             try:
                 scored = decode_scored(record.value)
