@@ -148,19 +148,22 @@ def stage_topics(config: Config, stages) -> list[str]:
 
 def build_stages(config: Config, stages, stopping: threading.Event) -> list:
     """The stage objects, each with `run(stop: asyncio.Event)`."""
+    from streamfilter.density.snapshot import SnapshotHandoff
     from streamfilter.kafka_loop import TransactionalLoop
     from streamfilter.stages import RouteTransform, ScoreTransform, SketchAggregator
 
+    # Sketch and route in one process: each snapshot is handed to the route as written, not read back.
+    handoff = SnapshotHandoff() if "sketch" in stages and "route" in stages else None
     built = []
     if "score" in stages:
         transform = ScoreTransform(config)
         built.append(TransactionalLoop("score", config, config.topics.raw, transform, prepare=transform.load))
     if "sketch" in stages:
-        built.append(SketchAggregator(config))
+        built.append(SketchAggregator(config, handoff=handoff))
     if "route" in stages:
         if not config.route.emit_rejected:
             config.topics.rejected = ""
-        route = RouteTransform(config, stopping)
+        route = RouteTransform(config, stopping, handoff=handoff)
         built.append(TransactionalLoop("route", config, config.topics.scored, route, prepare=route.wait_for_snapshot))
     if "sink" in stages:
         from streamfilter.stages.sink import ShardSink

@@ -26,12 +26,16 @@ class RouteTransform:
 
     With `fixed=True` (replay), every decision uses `snapshot` (None only for `random`) and
     the store is never consulted; `stage` names the metrics' and DLQ headers' stage.
+
+    `handoff` (`run`: the aggregator in the same process) hands over each snapshot the
+    aggregator has just written: the route wakes as soon as one is published and adopts it
+    without reading the file back. Files it does not hold are loaded and verified as always.
     """
 
     stage = "route"
 
     def __init__(self, config: Config, stopping: threading.Event | None = None, *, fixed: bool = False,
-                 snapshot=None, stage: str | None = None, job: str = "live"):
+                 snapshot=None, stage: str | None = None, handoff=None, job: str = "live"):
         from streamfilter.density.snapshot import SnapshotStore
 
         self.config = config
@@ -44,9 +48,13 @@ class RouteTransform:
         if stage is not None:
             self.stage = stage
         self.stopping = stopping or threading.Event()
+        self.handoff = handoff  # density.snapshot.SnapshotHandoff, or None
         p = self.policy
         self.provenance = Provenance(p.name, p.keep_rate, p.quality_keep, p.seed, job=job)
         self._checked_at = 0.0
+        self._newest_seen: str | None = None  # name of the newest file when the store was last read
+        self._handoff_seen = 0  # handoff.version when last looked at
+        self._handed_over = False  # the last snapshot read came from the handoff, not its file
         metrics.ACCEPT_RATE_TARGET.labels(self.policy.name).set(self.policy.keep_rate)
 
     @property
@@ -68,13 +76,36 @@ class RouteTransform:
                 log.info("route: waiting for a snapshot with >= %d documents in %s",
                          self.config.route.min_snapshot_docs, self.config.sketch.snapshot_dir)
                 waited_since = time.monotonic()
-            self.stopping.wait(min(1.0, self.config.route.snapshot_poll_s))
+            wait_s = min(1.0, self.config.route.snapshot_poll_s)
+            if self.handoff is not None:
+                self.handoff.wait(self._handoff_seen, wait_s)  # wakes as soon as the aggregator writes one
+            else:
+                self.stopping.wait(wait_s)
 
     def _latest(self):
+        return self._latest_with_path()[1]
+
+    def _latest_with_path(self):
         before = self.store.corrupt_skipped
-        snapshot = self.store.latest()
+        path, snapshot = self.store.latest_with_path()
         if self.store.corrupt_skipped > before:
             metrics.SNAPSHOTS_CORRUPT.inc(self.store.corrupt_skipped - before)
+        return path, snapshot
+
+    def _newest(self):
+        """The newest snapshot, read only when the store's newest file is one not seen before (None
+        otherwise): a file never changes under its name, and loading one costs a read and a sha256
+        of ~100 MB. The handoff's object is taken instead of the file when it is that file."""
+        if self.handoff is not None:
+            self._handoff_seen = self.handoff.version
+        files = self.store.list()
+        if not files or files[0].name == self._newest_seen:
+            return None
+        self._newest_seen = files[0].name
+        snapshot = self.handoff.get(files[0]) if self.handoff is not None else None
+        self._handed_over = snapshot is not None
+        if snapshot is None:
+            _, snapshot = self._latest_with_path()  # verified; a corrupt newest file falls back to an older one
         return snapshot
 
     def _refresh(self) -> bool:
@@ -82,7 +113,7 @@ class RouteTransform:
         from streamfilter.density.policy import PolicyNotReady
 
         self._checked_at = time.monotonic()
-        snapshot = self._latest()
+        snapshot = self._newest()
         if snapshot is None or snapshot.doc_count < self.config.route.min_snapshot_docs:
             return self.prepared is not None
         if self.prepared is not None and self.prepared.snapshot_id == snapshot.snapshot_id:
@@ -93,12 +124,14 @@ class RouteTransform:
             log.info("route: snapshot %s not usable yet: %s", snapshot.snapshot_id, exc)
             return self.prepared is not None
         metrics.SNAPSHOT_TIMESTAMP.labels(self.stage).set(snapshot.created_at)
-        log.info("route: deciding with snapshot %s (%d documents)", snapshot.snapshot_id, snapshot.doc_count)
+        log.info("route: deciding with snapshot %s (%d documents%s)", snapshot.snapshot_id, snapshot.doc_count,
+                 ", handed over in-process" if self._handed_over else "")
         return True
 
     def __call__(self, records: list) -> list[Output]:
-        if (self.needs_snapshot and not self.fixed_snapshot
-                and time.monotonic() - self._checked_at >= self.config.route.snapshot_poll_s):
+        if self.needs_snapshot and not self.fixed_snapshot and (
+                time.monotonic() - self._checked_at >= self.config.route.snapshot_poll_s
+                or (self.handoff is not None and self.handoff.version != self._handoff_seen)):
             self._refresh()
         outputs = Outputs()
         scored: list[tuple[object, ScoredRecord]] = []

@@ -28,11 +28,16 @@ class SketchAggregator:
     checkpoint. On start the newest valid snapshot is loaded and the consumer seeks to its
     offsets; documents counted after it are counted again from there after a crash, and
     never twice. Offsets are also committed to the group after each snapshot, for lag only.
+
+    Cadence: the first snapshot is written as soon as the state covers `route.min_snapshot_docs`
+    documents (the route cannot decide before it has one), then one every `snapshot_interval_s`
+    while new documents arrive. `handoff` (`run`) hands each written snapshot to the route of
+    the same process.
     """
 
     stage = "sketch"
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, handoff=None):
         from streamfilter.density.snapshot import SnapshotStore
 
         self.config = config
@@ -41,6 +46,8 @@ class SketchAggregator:
         self.state = None
         self.consumer = None
         self._dirty = False
+        self._usable_written = False  # a snapshot with >= route.min_snapshot_docs documents exists
+        self.handoff = handoff  # density.snapshot.SnapshotHandoff, or None
         self.health = StageHealth(self.stage)
         self.watch = ConsumerWatch(self.health)
         self._stopping = threading.Event()
@@ -55,6 +62,7 @@ class SketchAggregator:
             metrics.SNAPSHOTS_CORRUPT.inc(self.store.corrupt_skipped - before)
         if snapshot is not None:
             self.state = SketchState.restore(snapshot, policies=[self.policy])
+            self._usable_written = snapshot.doc_count >= self.config.route.min_snapshot_docs
             metrics.SNAPSHOT_TIMESTAMP.labels(self.stage).set(snapshot.created_at)
             metrics.SKETCH_DOCUMENTS.set(self.state.doc_count)
             log.info("sketch: restored snapshot %s (%d documents)", snapshot.snapshot_id, snapshot.doc_count)
@@ -91,7 +99,7 @@ class SketchAggregator:
             while not stop.is_set():
                 try:
                     await loop.run_in_executor(self._thread, self._poll_and_count)
-                    if self._dirty and time.monotonic() - last_snapshot >= self.config.sketch.snapshot_interval_s:
+                    if self.snapshot_due(time.monotonic() - last_snapshot):
                         await loop.run_in_executor(self._thread, self.write_snapshot)
                         last_snapshot = time.monotonic()
                     backoff.reset()
@@ -112,6 +120,15 @@ class SketchAggregator:
             if self.consumer is not None:
                 await loop.run_in_executor(self._thread, self.consumer.close)
             self._thread.shutdown(wait=False)
+
+    def snapshot_due(self, since_last_s: float) -> bool:
+        """Whether to write a snapshot now: on the interval while new documents arrive, and at once
+        when the state first reaches `route.min_snapshot_docs` documents (the route is waiting)."""
+        if not self._dirty or self.state is None:
+            return False
+        if not self._usable_written and self.state.doc_count >= self.config.route.min_snapshot_docs:
+            return True
+        return since_last_s >= self.config.sketch.snapshot_interval_s
 
     async def _watch(self, stop: asyncio.Event) -> None:
         await stop.wait()
@@ -204,6 +221,10 @@ class SketchAggregator:
         snapshot = self.state.snapshot()
         path = self.store.write(snapshot)
         self._dirty = False
+        if snapshot.doc_count >= self.config.route.min_snapshot_docs:
+            self._usable_written = True
+        if self.handoff is not None:
+            self.handoff.publish(path, snapshot)
         metrics.SNAPSHOTS_WRITTEN.inc()
         metrics.SNAPSHOT_TIMESTAMP.labels(self.stage).set(snapshot.created_at)
         log.info("sketch: wrote snapshot %s (%d documents) to %s", snapshot.snapshot_id, snapshot.doc_count, path)

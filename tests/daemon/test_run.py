@@ -100,3 +100,21 @@ def test_sigkill_at_random_moments_loses_and_duplicates_nothing(bootstrap, daemo
     # each scored document counted exactly once, whatever the kills interrupted
     assert store.latest().doc_count == len(docs)
     collector.close()
+
+
+def test_the_first_decisions_do_not_wait_for_the_snapshot_timer(bootstrap, daemon_config, start_daemon):
+    # A 10-minute snapshot interval: the route still decides as soon as the sketch has counted the
+    # first scored batch, because the first snapshot is written once the sketch is warm
+    # (route.min_snapshot_docs) and handed to the route of the same process.
+    config, topics, snapshots = daemon_config(sketch={"snapshot_interval_s": 600.0},
+                                              route={"min_snapshot_docs": 1, "snapshot_poll_s": 30.0})
+    daemon = start_daemon(config)
+    daemon.wait_ready("score")
+    docs = sample_documents(40, seed=11)
+    produce(bootstrap, topics["raw"], [encode(d, i) for i, d in enumerate(docs)])
+    collector = OutputCollector(bootstrap, [topics["accepted"], topics["rejected"], topics["dlq"]])
+    collector.wait_total(len(docs), timeout_s=180, alive=daemon.alive)  # far below the 600 s timer
+    assert "handed over in-process" in daemon.log(), daemon.log()[-3000:]
+    assert daemon.terminate() == 0, daemon.log()[-3000:]
+    assert_exactly_once(collector, topics, docs, [])
+    collector.close()

@@ -92,3 +92,52 @@ def test_stale_temp_files_are_ignored(tmp_path):
     store = SnapshotStore(tmp_path)
     (tmp_path / ".snapshot-00000000000000000001-x.sfsnap.1.tmp").write_bytes(b"half a snapshot")
     assert store.latest() is None and store.corrupt_skipped == 0
+
+
+def _packb_reference(snap: Snapshot) -> bytes:
+    """The file as the first writer built it (one msgpack.packb of the whole payload): streamed files must match it."""
+    import hashlib
+    import io
+
+    import msgpack
+
+    from streamfilter.density.snapshot import _HEADER, FORMAT_VERSION
+
+    def npy(a):
+        buf = io.BytesIO()
+        np.save(buf, np.asarray(a, order="C"), allow_pickle=False)
+        return buf.getvalue()
+
+    arrays = {f"sketch.{k}": v for k, v in snap.sketch.to_arrays().items()}
+    arrays.update({"reservoir.priorities": snap.reservoir.priorities, "reservoir.embeddings": snap.reservoir.embeddings,
+                   "reservoir.askllm": snap.reservoir.askllm})
+    meta = {"snapshot_id": snap.snapshot_id, "created_at": float(snap.created_at),
+            "offsets": [[t, int(p), int(o)] for (t, p), o in sorted(snap.offsets.items())],
+            "doc_count": int(snap.doc_count), "policy_seed": int(snap.policy_seed),
+            "reservoir_size": int(snap.reservoir.size), "reservoir_seed": int(snap.reservoir.seed),
+            "ips_constants": {k: float(v) for k, v in sorted(snap.ips_constants.items())}}
+    payload = msgpack.packb({"meta": meta, "arrays": {k: npy(v) for k, v in arrays.items()},
+                             "quantiles": snap.quantiles.to_bytes(),
+                             **({"perplexity_quantiles": snap.perplexity_quantiles.to_bytes()}
+                                if snap.perplexity_quantiles.count else {})}, use_bin_type=True)
+    return _HEADER.pack(MAGIC, FORMAT_VERSION, len(payload), hashlib.sha256(payload).digest()) + payload
+
+
+@pytest.mark.parametrize("n", [0, 60])
+def test_a_streamed_file_is_the_format_of_one_packed_payload(tmp_path, n):
+    # Snapshots are hashed while written, array by array; the bytes are those older builds wrote and read.
+    state = small_state(n)
+    if n:
+        state.perplexity_quantiles.update(np.linspace(1, 3, n))
+    snap = state.snapshot()
+    snap.ips_constants["density:keep=0.2:quality=None"] = 0.5
+    path = SnapshotStore(tmp_path).write(snap)
+    assert path.read_bytes() == _packb_reference(snap) == snap.to_bytes()
+    again = SnapshotStore(tmp_path).load(path)
+    assert again.snapshot_id == snap.snapshot_id and np.array_equal(again.sketch.counters, snap.sketch.counters)
+    # and a damaged streamed file is still caught by its checksum
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 3] ^= 0x10
+    path.write_bytes(bytes(raw))
+    with pytest.raises(SnapshotCorrupt, match="checksum"):
+        SnapshotStore(tmp_path).load(path)
