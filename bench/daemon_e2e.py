@@ -150,6 +150,8 @@ def end_to_end(bootstrap: str, askllm: Path, embedder: Path, texts: list[str], v
         "[sketch]", "rows = 1000", "buckets = 20000", f'snapshot_dir = "{workdir / "snapshots"}"',
         f"snapshot_interval_s = {interval_s}",  # the default 30: a snapshot (80 MB at R=1000, B=20000) is not free
         "[policy]", 'name = "askllm+density"', "keep_rate = 0.3", "quality_keep = 0.6",
+        # the daemon's overhead, not its warm-up: decide from the first snapshot on (the default waits for 4096)
+        "[route]", "min_snapshot_docs = 1",
         "[daemon]", f"metrics_port = {port}",
     ]) + "\n")
     log = open(workdir / "daemon.log", "wb")

@@ -164,10 +164,16 @@ def coverage(x, topics, sigma_scale: float) -> None:
         scores["exact sums of the new kernel, leave-one-out"] = np.maximum(exact["lsh"] - 1.0, SCORE_FLOOR)
         for s in SIGMAS:
             scores[f"exact Gaussian KDE sigma={s * sigma_scale:.2f}"] = exact[f"g{s}"]
+        new = scores["new default: sketch K=8 calibrated w, leave-one-out"]
         for keep in KEEPS:
             for name, sc in scores.items():
                 p = np.full(len(xs), keep) if sc is None else np.minimum(1.0, solve_ips_constant(sc, keep) / sc)
                 rows.setdefault((label, keep), {}).setdefault(name, []).append(kl_ratio(p, lab, names, keep))
+            # the paper's other density baselines (policies density-top / density-bottom) on the new sketch
+            top = (new >= np.quantile(new, 1.0 - keep)).astype(np.float64)
+            bottom = (new <= np.quantile(new, keep)).astype(np.float64)
+            rows[(label, keep)].setdefault("density-top (new sketch)", []).append(kl_ratio(top, lab, names, keep))
+            rows[(label, keep)].setdefault("density-bottom (new sketch)", []).append(kl_ratio(bottom, lab, names, keep))
     print(f"\n<!-- calibrated widths over the streams: {min(widths):.3f} .. {max(widths):.3f}; "
           f"{time.perf_counter() - t0:.0f} s -->")
     methods = list(next(iter(rows.values())))

@@ -149,6 +149,7 @@ def run(args, work: Path) -> None:
         f"partitions = {args.partitions}",
         "[sketch]", f"rows = {args.rows}", f"buckets = {args.buckets}", f'snapshot_dir = "{work / "snapshots"}"',
         "[policy]", f'name = "{args.policy}"', "keep_rate = 0.2",
+        "[route]", "min_snapshot_docs = 1",
         "[daemon]", "metrics_port = 0", ""]))
     config = load_config(config_path, env={})
 

@@ -142,7 +142,9 @@ class OutputConfig:
 @dataclass
 class RouteConfig:
     emit_rejected: bool = True
-    min_snapshot_docs: int = 1  # wait for a snapshot covering at least this many documents
+    # Wait for a snapshot covering at least this many documents: decisions against a younger sketch
+    # keep the right fraction but lose coverage (bench/RESULTS.md, "Warm-up"); 4096 = the reservoir's size.
+    min_snapshot_docs: int = 4096
     snapshot_poll_s: float = 5.0
 
 

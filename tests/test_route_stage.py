@@ -15,6 +15,7 @@ def _config(tmp_path, **route) -> Config:
     config.sketch.snapshot_dir = str(tmp_path / "snapshots")
     config.sketch.rows, config.sketch.buckets = 20, 200
     config.policy.keep_rate, config.policy.quality_keep = 0.3, 0.6
+    config.route.min_snapshot_docs = 1  # snapshots of a few dozen documents
     for key, value in route.items():
         setattr(config.route, key, value)
     return config

@@ -103,7 +103,7 @@ def daemon_config(tmp_path, names, bootstrap, test_models):
             "batch": {"max_batch_docs": 128, "max_wait_ms": 200},
             "sketch": {"rows": 100, "buckets": 2000, "snapshot_dir": str(snapshots), "snapshot_interval_s": 1.0},
             "policy": {"name": "askllm+density", "keep_rate": 0.3, "quality_keep": 0.6},
-            "route": {"snapshot_poll_s": 1.0},
+            "route": {"snapshot_poll_s": 1.0, "min_snapshot_docs": 1},  # streams of a few hundred documents
             "daemon": {"metrics_port": free_port(), "shutdown_timeout_s": 20},
         }
         for section, values in sections.items():

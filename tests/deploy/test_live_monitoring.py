@@ -59,7 +59,7 @@ def live(kafka_broker, test_models, tmp_path_factory):
         "batch": {"max_batch_docs": 64, "max_wait_ms": 200},
         "sketch": {"rows": 100, "buckets": 2000, "snapshot_dir": str(tmp / "snapshots"), "snapshot_interval_s": 1.0},
         "policy": {"name": "askllm+density", "keep_rate": 0.3, "quality_keep": 0.6},
-        "route": {"snapshot_poll_s": 1.0},
+        "route": {"snapshot_poll_s": 1.0, "min_snapshot_docs": 1},
         "daemon": {"metrics_port": port, "shutdown_timeout_s": 20},
     }
     (tmp / "streamfilter.toml").write_text(to_toml(config))

@@ -87,7 +87,7 @@ def replay_config(tmp_path, names, bootstrap, create_topics):
             "batch": {"max_batch_docs": 256, "max_wait_ms": 200},
             "sketch": {**SKETCH, "snapshot_dir": str(snapshots)},
             "policy": {"name": "askllm+density", "keep_rate": 0.3, "quality_keep": 0.6},
-            "route": {"snapshot_poll_s": 1.0},
+            "route": {"snapshot_poll_s": 1.0, "min_snapshot_docs": 1},  # streams of a few hundred documents
             "daemon": {"metrics_port": 0, "shutdown_timeout_s": 20},
         }
         for section, values in sections.items():
