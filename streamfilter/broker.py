@@ -191,8 +191,16 @@ def free_port() -> int:
 
 
 def new_cluster_id() -> str:
-    """A KRaft cluster id: 16 random bytes, URL-safe base64 without padding (what kafka-storage prints)."""
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    """A KRaft cluster id: 16 random bytes, URL-safe base64 without padding (what kafka-storage prints).
+
+    Never one that starts with "-" (1 in 64 would): kafka-storage's argument parser takes
+    `-t -B6ux...` for two options and fails ("argument --cluster-id/-t: expected one argument");
+    Kafka's own `Uuid.randomUuid()` redraws those too.
+    """
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
 
 
 def _pid_alive(pid: int) -> bool:

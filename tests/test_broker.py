@@ -107,3 +107,13 @@ def test_plain_script_starts_and_stops_the_same_broker(tmp_path):
                                  capture_output=True, text=True, timeout=60)
     assert stopped.returncode == 0 and "stopped" in stopped.stdout
     assert cli("broker", "status", "--data-dir", data).returncode == 3
+
+
+def test_a_cluster_id_never_starts_with_a_dash():
+    """Observed in CI: 1 in 64 ids starts with "-", and kafka-storage's parser then reads
+    `-t -B6ux...` as two options, so a test broker failed to format its storage."""
+    from streamfilter.broker import new_cluster_id
+
+    ids = [new_cluster_id() for _ in range(5000)]
+    assert not [i for i in ids if i.startswith("-")]
+    assert len(set(ids)) == len(ids) and all(len(i) == 22 for i in ids)
