@@ -51,6 +51,7 @@ class RouteTransform:
         self.handoff = handoff  # density.snapshot.SnapshotHandoff, or None
         p = self.policy
         self.provenance = Provenance(p.name, p.keep_rate, p.quality_keep, p.seed, job=job)
+        self._provenance_headers = self.provenance.headers()  # the same on every record: built once
         self._checked_at = 0.0
         self._newest_seen: str | None = None  # name of the newest file when the store was last read
         self._handoff_seen = 0  # handoff.version when last looked at
@@ -165,7 +166,7 @@ class RouteTransform:
                                    InvalidDocument("unencodable", f"{type(exc).__name__}: {exc}"), record)
                     continue
                 input_headers = getattr(record, "headers", None) or ()
-                headers = [*decision_headers(decision, s), *self.provenance.headers(),
+                headers = [*decision_headers(decision, s), *self._provenance_headers,
                            *carried_headers(input_headers, self.config.output.input_headers)]
                 outputs.append(Output(topic, value, key=s.document.id.encode(), headers=headers))
                 produced_ms = dict(input_headers).get("sf-produced-ms")
