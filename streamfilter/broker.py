@@ -373,7 +373,7 @@ class KafkaBroker:
         (self.data_dir / "log4j2.properties").write_text(LOG4J2)
         if not meta.exists():
             cmd = self._java_command(java, jars_dir, "kafka.tools.StorageTool", "format", "--ignore-formatted",
-                                     "-t", cluster_id, "-c", str(self.data_dir / "server.properties"))
+                                     f"--cluster-id={cluster_id}", "-c", str(self.data_dir / "server.properties"))
             result = subprocess.run(cmd, capture_output=True, text=True)
             if result.returncode != 0:
                 detail = (result.stdout + result.stderr).strip().splitlines()[-1:]

@@ -117,3 +117,22 @@ def test_a_cluster_id_never_starts_with_a_dash():
     ids = [new_cluster_id() for _ in range(5000)]
     assert not [i for i in ids if i.startswith("-")]
     assert len(set(ids)) == len(ids) and all(len(i) == 22 for i in ids)
+
+
+@pytest.mark.kafka
+def test_storage_formats_with_a_cluster_id_that_starts_with_a_dash(tmp_path, monkeypatch):
+    """kafka-storage must get the id as one argument (`--cluster-id=ID`) whatever its first character."""
+    import base64
+
+    from streamfilter import broker as broker_module
+    from streamfilter.broker import KafkaBroker, free_port
+
+    dash_id = "-" + base64.urlsafe_b64encode(b"\xfb" + bytes(range(15))).decode().rstrip("=")[1:]
+    assert len(base64.urlsafe_b64decode(dash_id + "==")) == 16
+    monkeypatch.setattr(broker_module, "new_cluster_id", lambda: dash_id)
+    broker = KafkaBroker(tmp_path / "dash", port=free_port())
+    try:
+        broker.start()
+        assert broker.status().running
+    finally:
+        broker.stop()

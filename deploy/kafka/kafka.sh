@@ -78,7 +78,10 @@ start() {
     local found; found="$(sed -n 's/^cluster.id=//p' "$DATA_DIR/kraft/meta.properties")"
     [ "$found" = "$cluster" ] || die "data folder $DATA_DIR holds storage of another Kafka cluster (id $found); remove the folder or choose another --data-dir"
   else
-    cluster="$(python3 -c 'import base64,uuid;print(base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("="))')"
+    # never an id that starts with "-": kafka-storage would read "-t -B6ux..." as two options
+    cluster="$(python3 -c 'import base64,uuid
+while (c := base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")).startswith("-"): pass
+print(c)')"
   fi
   cat > "$DATA_DIR/server.properties" <<PROPS
 process.roles=broker,controller
@@ -106,7 +109,7 @@ PROPS
   printf 'rootLogger.level = WARN\nrootLogger.appenderRef.stdout.ref = STDOUT\nappender.console.type = Console\nappender.console.name = STDOUT\nappender.console.layout.type = PatternLayout\nappender.console.layout.pattern = [%%d] %%p %%m (%%c)%%n\n' > "$DATA_DIR/log4j2.properties"
   local jvm=("$java" "-Xmx${HEAP_MB}m" -Djava.awt.headless=true "-Dlog4j2.configurationFile=$DATA_DIR/log4j2.properties" -cp "$JARS/*")
   if [ ! -f "$DATA_DIR/kraft/meta.properties" ]; then
-    "${jvm[@]}" kafka.tools.StorageTool format --ignore-formatted -t "$cluster" -c "$DATA_DIR/server.properties" >/dev/null \
+    "${jvm[@]}" kafka.tools.StorageTool format --ignore-formatted --cluster-id="$cluster" -c "$DATA_DIR/server.properties" >/dev/null \
       || die "formatting Kafka storage in $DATA_DIR/kraft failed"
   fi
   setsid "${jvm[@]}" kafka.Kafka "$DATA_DIR/server.properties" >>"$DATA_DIR/broker.log" 2>&1 < /dev/null &
