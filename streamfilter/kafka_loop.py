@@ -648,6 +648,18 @@ class TransactionalLoop:
             pool.shutdown(wait=False, cancel_futures=True)
 
 
+async def back_off_and_reconnect(stage: str, executor, reconnect: Callable[[], None], backoff: Backoff,
+                                 stop: asyncio.Event) -> None:
+    """After a failed step of a non-transactional stage (sketch, sink): count the retry, back off, and
+    `reconnect` on `executor`; a reconnect that fails too is logged and left to the next failure."""
+    metrics.RETRIES.labels(stage).inc()
+    await _sleep_or_stop(backoff.next(), stop)
+    try:
+        await asyncio.get_running_loop().run_in_executor(executor, reconnect)
+    except Exception as exc:  # noqa: BLE001 - the broker is still away: the next step fails and retries
+        log.warning("%s: reconnecting failed (%s); will retry", stage, exc)
+
+
 async def _sleep_or_stop(seconds: float, stop: asyncio.Event) -> None:
     try:
         await asyncio.wait_for(stop.wait(), timeout=seconds)

@@ -38,7 +38,7 @@ from streamfilter import metrics
 from streamfilter.config import Config
 from streamfilter.errors import UserError
 from streamfilter.kafka_clients import Backoff, ConsumerWatch, StageHealth, new_consumer
-from streamfilter.kafka_loop import _sleep_or_stop
+from streamfilter.kafka_loop import _sleep_or_stop, back_off_and_reconnect
 
 log = logging.getLogger("streamfilter.stages")
 
@@ -109,12 +109,7 @@ class ShardSink:
                 except Exception as exc:  # noqa: BLE001 - drop the shards in flight, list again, read again
                     log.exception("sink: consuming or writing failed; resuming from the shards written")
                     self.health.not_ready(f"failed: {type(exc).__name__}: {exc}")
-                    metrics.RETRIES.labels(self.stage).inc()
-                    await _sleep_or_stop(backoff.next(), stop)
-                    try:
-                        await loop.run_in_executor(self._thread, self._reconnect)
-                    except Exception as exc:  # noqa: BLE001
-                        log.warning("sink: reconnecting failed (%s); will retry", exc)
+                    await back_off_and_reconnect(self.stage, self._thread, self._reconnect, backoff, stop)
             if not self.done and self.consumer is not None and self.open:
                 try:  # a clean stop writes what it holds: those records need not be read again
                     await loop.run_in_executor(self._thread, self.flush)

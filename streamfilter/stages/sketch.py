@@ -15,7 +15,7 @@ from streamfilter import metrics
 from streamfilter.config import Config, build_policy
 from streamfilter.errors import InvalidDocument
 from streamfilter.kafka_clients import Backoff, ConsumerWatch, StageHealth, new_consumer
-from streamfilter.kafka_loop import _sleep_or_stop
+from streamfilter.kafka_loop import _sleep_or_stop, back_off_and_reconnect
 from streamfilter.records import decode_scored
 
 log = logging.getLogger("streamfilter.stages")
@@ -106,12 +106,7 @@ class SketchAggregator:
                 except Exception as exc:  # noqa: BLE001 - keep counting: reconnect and seek to the covered offsets
                     log.exception("sketch: consuming failed; reconnecting")
                     self.health.broker_failed(f"consuming failed: {type(exc).__name__}: {exc}")
-                    metrics.RETRIES.labels(self.stage).inc()
-                    await _sleep_or_stop(backoff.next(), stop)
-                    try:
-                        await loop.run_in_executor(self._thread, self._reconnect)
-                    except Exception as exc:  # noqa: BLE001
-                        log.warning("sketch: reconnecting failed (%s); will retry", exc)
+                    await back_off_and_reconnect(self.stage, self._thread, self._reconnect, backoff, stop)
             if self._dirty:
                 await loop.run_in_executor(self._thread, self.write_snapshot)
         finally:
