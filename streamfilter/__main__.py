@@ -1,3 +1,3 @@
-from streamfilter.cli import main
+from streamfilter.commands import main
 
 raise SystemExit(main())

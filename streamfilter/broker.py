@@ -15,7 +15,6 @@ Layout of a data folder:
 
 from __future__ import annotations
 
-import argparse
 import base64
 import contextlib
 import json
@@ -467,38 +466,3 @@ def _last_error_line(log_file: Path) -> str:
         return "no log"
     errors = [ln for ln in lines if " ERROR " in ln or "Exception" in ln]
     return (errors or lines or ["no log"])[-1][:300]
-
-
-# -- command line ------------------------------------------------------------------
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("broker", help="start, stop or check the local single-node Kafka broker")
-    parser.add_argument("action", choices=["start", "stop", "status", "fetch"],
-                        help="fetch only downloads the jars into the cache")
-    parser.add_argument("--port", type=int, default=None, help=f"client port on 127.0.0.1 (default {DEFAULT_PORT})")
-    parser.add_argument("--controller-port", type=int, default=None, help="KRaft controller port (default port+1)")
-    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help=f"default {DEFAULT_DATA_DIR}")
-    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR, help="where the Kafka jars are kept")
-    parser.add_argument("--heap-mb", type=int, default=512)
-    parser.set_defaults(handler=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
-    if args.port is not None and not 1 <= args.port < 65535:
-        raise UserError(f"--port must be in 1..65534, got {args.port}")
-    broker = KafkaBroker(args.data_dir, args.port, args.controller_port, args.cache_dir, heap_mb=args.heap_mb)
-    if args.action == "fetch":
-        print(f"Kafka jars in {ensure_jars(args.cache_dir)}")
-        return 0
-    if args.action == "start":
-        t0 = time.monotonic()
-        status = broker.start()
-        print(f"{status.describe()}; ready in {time.monotonic() - t0:.1f}s")
-        return 0
-    if args.action == "stop":
-        print("stopped" if broker.stop() else "not running")
-        return 0
-    status = broker.status()
-    print(status.describe())
-    return 0 if status.running else 3

@@ -1,6 +1,6 @@
-"""The long-running commands: `streamfilter score | sketch | route | run | sink`.
+"""Running the long-lived stages (`streamfilter score | sketch | route | run | sink`, see `commands.run`).
 
-Each loads the one configuration object, creates missing topics, serves /metrics, /ready
+From one loaded configuration: create missing topics, serves /metrics, /ready
 and /live, and runs its stage(s) on an asyncio loop (uvloop) with blocking Kafka and
 inference calls on worker threads. SIGTERM or SIGINT stops fetching, finishes or aborts
 the open transaction, writes a last snapshot (sketch) and exits within
@@ -9,14 +9,12 @@ the open transaction, writes a last snapshot (sketch) and exits within
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import signal
 import threading
-from pathlib import Path
 
-from streamfilter.config import Config, load_config
+from streamfilter.config import Config
 from streamfilter.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -25,65 +23,6 @@ STAGES = ("score", "sketch", "route")
 # Larger than the broker's 1 MB default: a scored record carries the text plus its embedding,
 # and the DLQ keeps oversized originals.
 TOPIC_MAX_MESSAGE_BYTES = 16 * 1_048_576
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    helps = {
-        "score": "pass 1: score raw documents with Ask-LLM and the embedder into the scored topic (stateless)",
-        "sketch": "the aggregator: count scored embeddings in the RACE sketch and write snapshots",
-        "route": "pass 2: apply the policy with the newest snapshot; write accepted (and rejected) documents",
-        "run": "score, sketch and route in one process (one machine, the demo)",
-    }
-    for name, text in helps.items():
-        parser = subparsers.add_parser(name, help=text, description=text)
-        add_config_arguments(parser)
-        parser.set_defaults(handler=_run_command, stages=STAGES if name == "run" else (name,))
-    text = "write the accepted topic as training-ready shards (Parquet or JSON lines, zstd), exactly once"
-    sink = subparsers.add_parser("sink", help=text, description=text)
-    add_config_arguments(sink)
-    sink.add_argument("--until-end", dest="sink_until_end", action="store_true",
-                      help="one-shot: stop at the end offsets found at start and write the _SUCCESS manifest")
-    sink.add_argument("--format", dest="sink_format", choices=("parquet", "jsonl"), help="sink.format")
-    sink.add_argument("--out", dest="sink_path", metavar="URL", help="sink.path: a folder or an fsspec URL")
-    sink.add_argument("--topic", dest="sink_topic", metavar="TOPIC", help="sink.topic (default: topics.accepted)")
-    sink.set_defaults(handler=_run_sink_command, stages=("sink",))
-
-
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, help="TOML configuration file")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override one setting (repeatable), e.g. --set policy.keep_rate=0.1")
-    parser.add_argument("--bootstrap", help="Kafka bootstrap servers (kafka.bootstrap_servers)")
-    parser.add_argument("--metrics-port", type=int, help="port for /metrics, /ready and /live (daemon.metrics_port)")
-    parser.add_argument("--instance-id", help="stable id of this process (kafka.instance_id)")
-
-
-def config_from_args(args: argparse.Namespace) -> Config:
-    overrides = list(args.set)
-    for flag, key in (("bootstrap", "kafka.bootstrap_servers"), ("metrics_port", "daemon.metrics_port"),
-                      ("instance_id", "kafka.instance_id"), ("sink_format", "sink.format"),
-                      ("sink_path", "sink.path"), ("sink_topic", "sink.topic")):
-        value = getattr(args, flag, None)
-        if value is not None:
-            overrides.append(f"{key}={value}")
-    if getattr(args, "sink_until_end", False):
-        overrides.append("sink.until_end=true")
-    return load_config(args.config, overrides=overrides)
-
-
-def _run_command(args: argparse.Namespace) -> int:
-    config = config_from_args(args)
-    run_stages(config, args.stages)
-    return 0
-
-
-def _run_sink_command(args: argparse.Namespace) -> int:
-    from streamfilter.stages.sink import check_requirements
-
-    config = config_from_args(args)
-    check_requirements(config)  # a missing extra or a bad sink.path: one line, before any topic is created
-    run_stages(config, args.stages)
-    return 0
 
 
 def ensure_topics(config: Config, names: list[str], settings: dict[str, str] | None = None) -> None:
@@ -306,13 +245,13 @@ def run_stages(config: Config, stages, *, install_signals: bool = True, stop_eve
             watcher.cancel()
 
     try:
-        _event_loop_runner()(main())
+        event_loop_runner()(main())
     finally:
         if server is not None:
             server.shutdown()
 
 
-def _event_loop_runner():
+def event_loop_runner():
     try:
         import uvloop
 

@@ -6,7 +6,7 @@ import logging
 
 from kafka.errors import Cancelled, KafkaConnectionError, NotCoordinatorError, UnstableOffsetCommitError
 
-from streamfilter.cli import _not_cancelled_refresh, _not_unstable_offsets
+from streamfilter.commands import _not_cancelled_refresh, _not_unstable_offsets
 
 
 def _record(exc) -> logging.LogRecord:
@@ -31,7 +31,7 @@ def test_only_the_retried_unstable_offsets_fetch_is_dropped():
 
 
 def test_kafka_warnings_are_summarised_one_line_per_condition_with_a_count():
-    from streamfilter.cli import KafkaLogSummary
+    from streamfilter.commands import KafkaLogSummary
 
     now = [0.0]
     summary = KafkaLogSummary(window_s=60, clock=lambda: now[0])
@@ -57,7 +57,7 @@ def test_kafka_warnings_are_summarised_one_line_per_condition_with_a_count():
 
 
 def test_counts_still_open_are_logged_at_exit(caplog):
-    from streamfilter.cli import KafkaLogSummary
+    from streamfilter.commands import KafkaLogSummary
 
     summary = KafkaLogSummary(window_s=60, clock=lambda: 5.0)
     for _ in range(4):

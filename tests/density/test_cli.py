@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 
-from streamfilter.cli import main
+from streamfilter.commands import main
 from streamfilter.density.calibrate import calibrate_width, width_for_collision
 from streamfilter.density.race import lsh_kernel
 
@@ -41,6 +41,6 @@ def test_calibration_hits_its_target(make_clustered):
 
 
 def test_cli_module_imports_cheaply():
-    code = "import sys, streamfilter.cli; streamfilter.cli.build_parser(); print('scipy' in sys.modules, 'datasketches' in sys.modules)"
+    code = "import sys, streamfilter.commands; streamfilter.commands.build_parser(); print('scipy' in sys.modules, 'datasketches' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]

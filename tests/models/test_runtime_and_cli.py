@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from streamfilter.cli import main
+from streamfilter.commands import main
 from streamfilter.errors import ConfigError
 from streamfilter.models import AskLLMScorer
 from streamfilter.models.runtime import resolve_providers
@@ -59,7 +59,7 @@ def test_info_verifies_the_files(test_models, capsys):
 def test_cli_module_imports_cheaply():
     import subprocess
 
-    code = ("import sys, streamfilter.models.cli; "
+    code = ("import sys, streamfilter.commands.models; "
             "print(sorted(m for m in ('onnxruntime', 'torch', 'transformers', 'tokenizers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from streamfilter.cli import main
+from streamfilter.commands import main
 from streamfilter.density.snapshot import SnapshotStore
 from streamfilter.density.state import SketchState
 

@@ -1,6 +1,6 @@
-"""The `streamfilter` command line.
+"""The `streamfilter` command line: every argparse module of the project, one per command group.
 
-Each subsystem owns its subcommands: a module listed in `COMMAND_MODULES` exposes
+A module listed in `COMMAND_MODULES` exposes
 `register(subparsers)`, which adds its parsers and sets `handler` (a callable taking the
 parsed arguments and returning an exit code). Modules here must import cheaply: heavy
 imports (onnxruntime, torch, kafka) happen inside the handlers.
@@ -17,13 +17,13 @@ from streamfilter import __version__
 from streamfilter.errors import UserError
 
 COMMAND_MODULES = (
-    "streamfilter.broker",
-    "streamfilter.density.cli",
-    "streamfilter.density.snapshot_cli",
-    "streamfilter.daemon",
-    "streamfilter.demo",
-    "streamfilter.models.cli",
-    "streamfilter.replay.cli",
+    "streamfilter.commands.broker",
+    "streamfilter.commands.calibrate",
+    "streamfilter.commands.snapshots",
+    "streamfilter.commands.run",
+    "streamfilter.commands.demo",
+    "streamfilter.commands.models",
+    "streamfilter.commands.replay",
 )
 
 

@@ -11,7 +11,7 @@ from streamfilter.errors import UserError
 
 
 def register(subparsers) -> None:
-    from streamfilter.daemon import add_config_arguments
+    from streamfilter.commands.options import add_config_arguments
 
     parser = subparsers.add_parser("snapshot", help="list, inspect, verify and merge sketch snapshots",
                                    description="Snapshots of the sketch aggregator (sketch.snapshot_dir unless "
@@ -51,7 +51,7 @@ def register(subparsers) -> None:
 
 def _setup(args):
     from streamfilter.config import build_policy
-    from streamfilter.daemon import config_from_args
+    from streamfilter.commands.options import config_from_args
 
     config = config_from_args(args)
     directory = args.dir or Path(config.sketch.snapshot_dir)

@@ -34,7 +34,7 @@ MODES = ("route", "rescore", "dry-run")
 
 
 def register(subparsers) -> None:
-    from streamfilter.daemon import add_config_arguments
+    from streamfilter.commands.options import add_config_arguments
 
     text = "re-route or re-score a range of a topic under another policy or snapshot, exactly once"
     p = subparsers.add_parser("replay", help=text, description=text + " (see README, 'Replay').")
@@ -104,7 +104,7 @@ def _report_arguments(p) -> None:
 
 
 def _config(args):
-    from streamfilter.daemon import config_from_args
+    from streamfilter.commands.options import config_from_args
 
     # kafka-python warns whenever one of its I/O tasks takes > 100 ms, which a busy machine does
     # often; a one-shot command's output is for the user's range, not for that.
@@ -432,7 +432,7 @@ class _CommitCounter:
 
 def _run_loop(loop) -> bool:
     """Run a TransactionalLoop to completion or until SIGTERM/SIGINT; True when interrupted by a signal."""
-    from streamfilter.daemon import _event_loop_runner
+    from streamfilter.daemon import event_loop_runner
 
     interrupted = []
 
@@ -443,7 +443,7 @@ def _run_loop(loop) -> bool:
             running.add_signal_handler(sig, lambda s=sig: (interrupted.append(s), stop.set()))
         await loop.run(stop)
 
-    _event_loop_runner()(main())
+    event_loop_runner()(main())
     return bool(interrupted)
 
 
