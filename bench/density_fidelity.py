@@ -47,8 +47,8 @@ from embeddings import wiki_embeddings  # noqa: E402
 
 from streamfilter.density.calibrate import (  # noqa: E402
     DEFAULT_CALIBRATION_DOCS, STREAM_TARGET_RANDOM_COLLISION, random_pair_distance, stream_width)
-from streamfilter.density.policy import solve_ips_constant  # noqa: E402
 from streamfilter.density.race import DEFAULT_K, DEFAULT_WIDTH, SCORE_FLOOR, RaceSketch, lsh_kernel  # noqa: E402
+from streamfilter.policies import solve_ips_constant  # noqa: E402
 
 MINILM_RANDOM_DISTANCE = 1.39
 SIGMAS = (0.3, 0.4, 0.5)

@@ -51,7 +51,7 @@ def scored_values(n: int, dim: int, seed: int = 0) -> tuple[list[bytes], list]:
 
 
 def build_snapshot(records, directory: Path, rows: int, buckets: int, policy) -> str:
-    from streamfilter.density.snapshot import SnapshotStore
+    from streamfilter.density.snapshot_store import SnapshotStore
     from streamfilter.density.state import SketchState
 
     state = SketchState.create(records[0].embedding.shape[0], rows=rows, buckets=buckets, policies=[policy])

@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from embeddings import wiki_embeddings  # noqa: E402
 
 from streamfilter.density.calibrate import DEFAULT_TARGET_RANDOM_COLLISION, distance_profile, width_for_collision  # noqa: E402
-from streamfilter.density.policy import solve_ips_constant  # noqa: E402
 from streamfilter.density.race import DEFAULT_BUCKETS, DEFAULT_K, DEFAULT_WIDTH, SCORE_FLOOR, RaceSketch, lsh_kernel  # noqa: E402
+from streamfilter.policies import solve_ips_constant  # noqa: E402
 
 KEEP = 0.2
 OVER = 20

@@ -21,7 +21,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from streamfilter.density.race import DEFAULT_BUCKETS, DEFAULT_K, DEFAULT_ROWS, DEFAULT_WIDTH, RaceSketch  # noqa: E402
-from streamfilter.density.snapshot import Snapshot, SnapshotStore  # noqa: E402
+from streamfilter.density.snapshot import Snapshot  # noqa: E402
+from streamfilter.density.snapshot_store import SnapshotStore  # noqa: E402
 from streamfilter.density.state import SketchState  # noqa: E402
 
 

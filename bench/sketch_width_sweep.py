@@ -18,8 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from embeddings import wiki_embeddings  # noqa: E402
 from sketch_quality import KEEP, composition_metrics, topic_stream  # noqa: E402
 
-from streamfilter.density.policy import solve_ips_constant  # noqa: E402
 from streamfilter.density.race import lsh_kernel  # noqa: E402
+from streamfilter.policies import solve_ips_constant  # noqa: E402
 
 GRID = {4: (0.5, 0.75, 1.0, 1.5), 8: (1.0, 1.5, 2.0, 2.5), 16: (2.0, 3.0, 4.0)}
 

@@ -35,8 +35,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from embeddings import wiki_embeddings  # noqa: E402
 
-from streamfilter.density.policy import build_policy  # noqa: E402
 from streamfilter.density.state import SketchState  # noqa: E402
+from streamfilter.policies import build_policy  # noqa: E402
 
 BATCH = 64
 SLICES = (0.01, 0.05, 0.20)

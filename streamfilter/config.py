@@ -1,7 +1,8 @@
 """The one configuration object: TOML file, then STREAMFILTER_* environment, then CLI flags.
 
 Validated once at start-up; every error names the field (`section.key`). Nothing else in
-the package reads settings from the environment.
+the package reads settings from the environment. Frozen once loaded: a command that needs a
+variant (a replay's output topics) derives one with `dataclasses.replace`.
 
     [kafka]   bootstrap_servers, client settings passed through (security_protocol, sasl_*, ssl_*)
     [topics]  raw, scored, accepted, rejected ("" = do not write rejected), dlq
@@ -46,7 +47,7 @@ KAFKA_PASSTHROUGH = {
 }
 
 
-@dataclass
+@dataclass(frozen=True)
 class KafkaConfig:
     bootstrap_servers: str = "127.0.0.1:9092"
     # Stable per process across restarts: the transactional id is derived from it, so a
@@ -65,7 +66,7 @@ class KafkaConfig:
     client: dict[str, typing.Any] = field(default_factory=dict)  # passthrough, see KAFKA_PASSTHROUGH
 
 
-@dataclass
+@dataclass(frozen=True)
 class TopicsConfig:
     raw: str = "crawl.raw"
     scored: str = "crawl.scored"
@@ -75,7 +76,7 @@ class TopicsConfig:
     partitions: int = 4  # used when streamfilter creates a missing topic
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelsConfig:
     askllm: str = "onnx_models/flan-t5-small"
     embedder: str = "onnx_models/sentence-t5-base"
@@ -86,7 +87,7 @@ class ModelsConfig:
     inference_batch_docs: int = 32
 
 
-@dataclass
+@dataclass(frozen=True)
 class BatchConfig:
     # A micro-batch (one transaction) closes on size or time. Its size adapts: it starts at
     # base_batch_docs and doubles with each batch that fills while input is waiting (a backlog),
@@ -99,14 +100,14 @@ class BatchConfig:
     max_wait_ms: int = 500
 
 
-@dataclass
+@dataclass(frozen=True)
 class RecordsConfig:
     # Larger raw values go to the DLQ as too_large. 1 MB: with its headroom a record fits the broker's
     # default max.message.bytes (1048588), which start-up checks (kafka_clients.check_topic_limits).
     max_doc_bytes: int = 1_000_000
 
 
-@dataclass
+@dataclass(frozen=True)
 class SketchConfig:
     rows: int = 1000  # paper: R=1000
     buckets: int = 20000  # paper: B=20000
@@ -121,15 +122,15 @@ class SketchConfig:
     keep_snapshots: int = 3
 
 
-@dataclass
+@dataclass(frozen=True)
 class PolicyConfig:
     name: str = "askllm+density"
     keep_rate: float = 0.2
-    quality_keep: float = 0.5  # askllm+density: fraction passing the quality gate
+    quality_keep: float = 0.5  # a policy with a quality gate (askllm+density): the fraction passing it
     seed: int = 0
 
 
-@dataclass
+@dataclass(frozen=True)
 class OutputConfig:
     # The values of accepted, rejected and DLQ records: "msgpack" (the document map; the decision in
     # headers) or "json" (one UTF-8 object per record: the document, decision, scores, provenance).
@@ -139,7 +140,7 @@ class OutputConfig:
     input_headers: str = "*"
 
 
-@dataclass
+@dataclass(frozen=True)
 class RouteConfig:
     emit_rejected: bool = True
     # Wait for a snapshot covering at least this many documents: decisions against a younger sketch
@@ -148,7 +149,7 @@ class RouteConfig:
     snapshot_poll_s: float = 5.0
 
 
-@dataclass
+@dataclass(frozen=True)
 class SinkConfig:
     # `streamfilter sink`: the accepted topic as training-ready shards (README, "Training-ready shards").
     path: str = ".cache/shards"  # a local folder or any fsspec URL (file://, memory://, s3://...)
@@ -161,7 +162,7 @@ class SinkConfig:
     until_end: bool = False  # one-shot: stop at the end offsets found at start, write the _SUCCESS manifest
 
 
-@dataclass
+@dataclass(frozen=True)
 class DaemonConfig:
     metrics_port: int = 9308  # 0 = no HTTP server
     metrics_host: str = "127.0.0.1"
@@ -174,7 +175,7 @@ class DaemonConfig:
     crash_before_commit: float = 0.0
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     kafka: KafkaConfig = field(default_factory=KafkaConfig)
     topics: TopicsConfig = field(default_factory=TopicsConfig)
@@ -187,6 +188,12 @@ class Config:
     output: OutputConfig = field(default_factory=OutputConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     sink: SinkConfig = field(default_factory=SinkConfig)
+
+    def __post_init__(self) -> None:
+        # The one place that decides whether rejected documents are written: `route.emit_rejected = false`
+        # is `topics.rejected = ""`, however the configuration was built.
+        if not self.route.emit_rejected and self.topics.rejected:
+            object.__setattr__(self, "topics", dataclasses.replace(self.topics, rejected=""))
 
     def kafka_client_settings(self) -> dict[str, typing.Any]:
         # kafka-python backs reconnects off up to 30 s, so a client could still be waiting that long
@@ -211,7 +218,8 @@ def load_config(
     overrides: typing.Sequence[str] = (),
 ) -> Config:
     """Build and validate the configuration: defaults < TOML file < environment < `section.key=value` overrides."""
-    config = Config()
+    values: dict[str, dict[str, typing.Any]] = {section: {} for section in SECTIONS}
+    client: dict[str, typing.Any] = {}
     if path is not None:
         try:
             data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
@@ -219,24 +227,26 @@ def load_config(
             raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-        for section, values in data.items():
-            if not isinstance(values, dict):
+        for section, items in data.items():
+            if not isinstance(items, dict):
                 raise ConfigError(f"{section}: expected a [{section}] table")
-            for key, value in values.items():
-                _set(config, section, key, value, source=str(path))
+            for key, value in items.items():
+                _set(values, client, section, key, value, source=str(path))
     for name, value in sorted((env if env is not None else os.environ).items()):
         if name.startswith(ENV_PREFIX):
             section, _, key = name[len(ENV_PREFIX):].lower().partition("_")
             if _is_service_link(name, value, section, key):
                 log.debug("ignoring %s: a Kubernetes service-link variable, not a setting", name)
                 continue
-            _set(config, section, key, value, source=name)
+            _set(values, client, section, key, value, source=name)
     for item in overrides:
         dotted, sep, value = item.partition("=")
         section, _, key = dotted.strip().partition(".")
         if not sep or not key:
             raise ConfigError(f"--set {item!r}: expected section.key=value")
-        _set(config, section, key, value, source="--set")
+        _set(values, client, section, key, value, source="--set")
+    values["kafka"]["client"] = client
+    config = Config(**{section: SECTIONS_TYPES[section](**items) for section, items in values.items()})
     validate(config)
     return config
 
@@ -255,21 +265,21 @@ def _is_service_link(name: str, value: str, section: str, key: str) -> bool:
     return not _is_known(section, key) or bool(_SERVICE_LINK_VALUE.match(str(value)))
 
 
-def _set(config: Config, section: str, key: str, value: typing.Any, source: str) -> None:
+def _set(values: dict[str, dict[str, typing.Any]], client: dict[str, typing.Any], section: str, key: str,
+         value: typing.Any, source: str) -> None:
     if section not in SECTIONS:
         close = difflib.get_close_matches(section, SECTIONS, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError(f"{section}.{key} ({source}): unknown section {section!r}{hint}; "
                           f"known: {', '.join(SECTIONS)}")
-    target = getattr(config, section)
+    kind = SECTIONS_TYPES[section]
     if section == "kafka" and key in KAFKA_PASSTHROUGH:
-        target.client[key] = _coerce(value, typing.Any, f"kafka.{key}")
+        client[key] = _coerce(value, typing.Any, f"kafka.{key}")
         return
-    fields = {f.name: f for f in dataclasses.fields(target)}
+    fields = {f.name: f for f in dataclasses.fields(kind)}
     if key not in fields or key == "client":
         raise ConfigError(f"{section}.{key} ({source}): unknown setting; known: {', '.join(sorted(fields))}")
-    hints = typing.get_type_hints(type(target))
-    setattr(target, key, _coerce(value, hints[key], f"{section}.{key}"))
+    values[section][key] = _coerce(value, typing.get_type_hints(kind)[key], f"{section}.{key}")
 
 
 def _coerce(value: typing.Any, kind: typing.Any, name: str) -> typing.Any:
@@ -394,12 +404,12 @@ def validate_kafka_client(client: dict[str, typing.Any]) -> None:
 
 def build_policy(config: Config):
     """The configured sampling policy; errors name the `policy.*` field."""
-    from streamfilter.density.policy import build_policy as build
+    from streamfilter.policies import build_policy as build, policy_class
 
     p = config.policy
     try:
-        return build(p.name, p.keep_rate, quality_keep=p.quality_keep if p.name == "askllm+density" else None,
-                     seed=p.seed)
+        gated = policy_class(p.name).has_quality_gate  # policy.quality_keep applies only to a policy with a gate
+        return build(p.name, p.keep_rate, quality_keep=p.quality_keep if gated else None, seed=p.seed)
     except ConfigError as exc:
         message = str(exc)
         raise ConfigError(message.replace("policy:", "policy.name:", 1) if message.startswith("policy:")

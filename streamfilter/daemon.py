@@ -79,7 +79,7 @@ def stage_topics(config: Config, stages) -> list[str]:
     if "sketch" in stages:
         names += [t.scored]
     if "route" in stages:
-        names += [t.scored, t.accepted, t.rejected if config.route.emit_rejected else "", t.dlq]
+        names += [t.scored, t.accepted, t.rejected, t.dlq]
     if "sink" in stages:
         names += [config.sink.topic or t.accepted]
     return names
@@ -87,7 +87,7 @@ def stage_topics(config: Config, stages) -> list[str]:
 
 def build_stages(config: Config, stages, stopping: threading.Event) -> list:
     """The stage objects, each with `run(stop: asyncio.Event)`."""
-    from streamfilter.density.snapshot import SnapshotHandoff
+    from streamfilter.density.snapshot_store import SnapshotHandoff
     from streamfilter.kafka_loop import TransactionalLoop
     from streamfilter.stages import RouteTransform, ScoreTransform, SketchAggregator
 
@@ -100,8 +100,6 @@ def build_stages(config: Config, stages, stopping: threading.Event) -> list:
     if "sketch" in stages:
         built.append(SketchAggregator(config, handoff=handoff))
     if "route" in stages:
-        if not config.route.emit_rejected:
-            config.topics.rejected = ""
         route = RouteTransform(config, stopping, handoff=handoff)
         built.append(TransactionalLoop("route", config, config.topics.scored, route, prepare=route.wait_for_snapshot))
     if "sink" in stages:

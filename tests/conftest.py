@@ -42,6 +42,14 @@ def bootstrap(kafka_broker) -> str:
     return kafka_broker
 
 
+@pytest.fixture(scope="session")
+def test_models():
+    """The small offline models (built once into a cache) for tests that run the score stage."""
+    from streamfilter.models import ensure_test_models
+
+    return ensure_test_models()
+
+
 class Names:
     """Unique topic and group names for one test."""
 

@@ -4,21 +4,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from streamfilter.config import Config
-from streamfilter.density.snapshot import SnapshotHandoff, SnapshotStore
+from streamfilter.config import Config, load_config
+from streamfilter.density.snapshot_store import SnapshotHandoff, SnapshotStore
 from streamfilter.density.state import SketchState
 from streamfilter.stages import RouteTransform, SketchAggregator
 
 
-def _config(tmp_path, **route) -> Config:
-    config = Config()
-    config.sketch.snapshot_dir = str(tmp_path / "snapshots")
-    config.sketch.rows, config.sketch.buckets = 20, 200
-    config.policy.keep_rate, config.policy.quality_keep = 0.3, 0.6
-    config.route.min_snapshot_docs = 1  # snapshots of a few dozen documents
-    for key, value in route.items():
-        setattr(config.route, key, value)
-    return config
+def _config(tmp_path, *overrides: str, **route) -> Config:
+    return load_config(env={}, overrides=[
+        f"sketch.snapshot_dir={tmp_path / 'snapshots'}", "sketch.rows=20", "sketch.buckets=200",
+        "policy.keep_rate=0.3", "policy.quality_keep=0.6",
+        "route.min_snapshot_docs=1",  # snapshots of a few dozen documents
+        *(f"route.{key}={value}" for key, value in route.items()), *overrides])
 
 
 def _state(config: Config, n: int = 50, start: int = 0) -> SketchState:
@@ -93,8 +90,7 @@ def test_a_snapshot_read_from_disk_is_still_verified(tmp_path):
 
 
 def test_the_first_snapshot_is_due_once_the_sketch_is_warm_then_on_the_interval(tmp_path):
-    config = _config(tmp_path, min_snapshot_docs=40)
-    config.sketch.snapshot_interval_s = 30.0
+    config = _config(tmp_path, "sketch.snapshot_interval_s=30", min_snapshot_docs=40)
     sketch = SketchAggregator(config)
     sketch._commit_for_lag = lambda offsets: None
     assert not sketch.snapshot_due(0.0)  # nothing counted

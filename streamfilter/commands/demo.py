@@ -125,7 +125,9 @@ def _demo(args: argparse.Namespace, broker, data_dir: Path, keep_broker: bool) -
         # the paper's second pass: route once the sketch has seen the whole sample
         f"route.min_snapshot_docs={len(docs)}", "route.snapshot_poll_s=1", "daemon.metrics_port=0",
     ]
-    if args.policy == "askllm+density":
+    from streamfilter.policies import policy_class
+
+    if policy_class(args.policy).has_quality_gate:
         overrides.append(f"policy.quality_keep={min(1.0, max(args.keep_rate, args.keep_rate ** 0.5))}")
     config = load_config(overrides=overrides, env={})
 

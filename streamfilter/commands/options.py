@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
 
 from streamfilter.config import Config, load_config
@@ -17,8 +18,10 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--instance-id", help="stable id of this process (kafka.instance_id)")
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
-    overrides = list(args.set)
+def config_from_args(args: argparse.Namespace, extra: Sequence[str] = ()) -> Config:
+    """The configuration for a command: the file, the environment, --set, then `extra` (a command's
+    own flags, e.g. replay's --policy), then the named shortcuts."""
+    overrides = [*args.set, *extra]
     for flag, key in (("bootstrap", "kafka.bootstrap_servers"), ("metrics_port", "daemon.metrics_port"),
                       ("instance_id", "kafka.instance_id"), ("sink_format", "sink.format"),
                       ("sink_path", "sink.path"), ("sink_topic", "sink.topic")):

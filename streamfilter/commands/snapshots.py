@@ -59,8 +59,9 @@ def _setup(args):
 
 
 def run_list(args: argparse.Namespace) -> int:
-    from streamfilter.density.snapshot import SnapshotCorrupt, SnapshotStore
-    from streamfilter.density.snapshots import age_text
+    from streamfilter.density.snapshot import SnapshotCorrupt
+    from streamfilter.density.snapshot_inspect import age_text
+    from streamfilter.density.snapshot_store import SnapshotStore
 
     _, directory, _ = _setup(args)
     store = SnapshotStore(directory)
@@ -84,15 +85,14 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    from streamfilter.density import snapshots
+    from streamfilter.density import snapshot_inspect
+    from streamfilter.density.snapshot_store import SnapshotStore
 
     _, directory, policy = _setup(args)
-    path, snapshot = snapshots.find(args.snapshot, directory)
-    summary = snapshots.summarize(path, snapshot, policy)
+    path, snapshot = SnapshotStore(directory).find(args.snapshot)
+    summary = snapshot_inspect.summarize(path, snapshot, policy)
     if args.plot:
-        from streamfilter.density.plot import plot_snapshot
-
-        summary["plot"] = str(plot_snapshot(snapshot, args.plot, policy))
+        summary["plot"] = str(snapshot_inspect.plot_snapshot(snapshot, args.plot, policy))
     if args.json:
         print(json.dumps(summary, indent=2, default=_json_default))
     else:
@@ -101,7 +101,7 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 
 def format_summary(s: dict) -> str:
-    from streamfilter.density.snapshots import age_text
+    from streamfilter.density.snapshot_inspect import age_text
 
     k = s["sketch"]
     created = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(s["created_at"]))
@@ -143,12 +143,12 @@ def format_summary(s: dict) -> str:
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    from streamfilter.density.snapshot import SnapshotCorrupt, SnapshotStore
-    from streamfilter.density.snapshots import resolve
+    from streamfilter.density.snapshot import SnapshotCorrupt
+    from streamfilter.density.snapshot_store import SnapshotStore
 
     _, directory, _ = _setup(args)
     store = SnapshotStore(directory)
-    paths = [resolve(ref, store, directory) for ref in args.snapshots]
+    paths = [store.resolve(ref) for ref in args.snapshots]
     if not args.snapshots:
         paths = store.list()
         if not paths:
@@ -165,12 +165,14 @@ def run_verify(args: argparse.Namespace) -> int:
 
 
 def run_merge(args: argparse.Namespace) -> int:
-    from streamfilter.density import snapshots
+    from streamfilter.density.snapshot_store import SnapshotStore, write_to
+    from streamfilter.density.state import merge_snapshots
 
     _, directory, policy = _setup(args)
-    items = [snapshots.find(ref, directory) for ref in args.snapshots]
-    merged = snapshots.merge(items, policies=[policy], allow_overlap=args.allow_overlap)
-    path = snapshots.write(merged, args.output)
+    store = SnapshotStore(directory)
+    items = [store.find(ref) for ref in args.snapshots]
+    merged = merge_snapshots(items, policies=[policy], allow_overlap=args.allow_overlap)
+    path = write_to(merged, args.output)
     print(f"merged {len(items)} snapshots ({merged.doc_count} documents) into {merged.snapshot_id}: {path}")
     return 0
 

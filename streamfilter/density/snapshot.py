@@ -1,4 +1,4 @@
-"""Snapshots of the sketch aggregator's state: one checksummed file, written atomically.
+"""The snapshot file format: the sketch aggregator's state in one checksummed file (`snapshot_store` keeps the files).
 
 File layout (little-endian):
 
@@ -23,15 +23,10 @@ from __future__ import annotations
 
 import hashlib
 import io
-import logging
-import os
-import re
 import struct
-import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import msgpack
 import numpy as np
@@ -40,13 +35,10 @@ from streamfilter.density.quantiles import ScoreQuantiles
 from streamfilter.density.race import RaceSketch
 from streamfilter.density.reservoir import Reservoir
 
-log = logging.getLogger(__name__)
 
 MAGIC = b"SFSNAP\r\n"
 FORMAT_VERSION = 1
 _HEADER = struct.Struct("<8sIQ32s")
-_STALE_TMP_S = 600  # temp files older than this are from a dead writer
-_NAME = re.compile(r"^snapshot-(\d{20})-([A-Za-z0-9_.-]+)\.sfsnap$")
 
 
 class SnapshotCorrupt(Exception):
@@ -209,120 +201,3 @@ def _npy_parts(array: np.ndarray) -> tuple[bytes, np.ndarray]:
 
 def _load_npy(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
-
-
-class SnapshotStore:
-    """A directory of snapshot files; keeps the newest `keep`."""
-
-    def __init__(self, directory: str | os.PathLike, keep: int = 3):
-        if keep < 1:
-            raise ValueError(f"keep must be at least 1, got {keep}")
-        self.directory = Path(directory)
-        self.keep = keep
-        self.corrupt_skipped = 0  # corrupt or truncated files skipped by `latest` (for a metric)
-
-    def list(self) -> list[Path]:
-        """Snapshot files, newest first (by the creation time in the name)."""
-        if not self.directory.is_dir():
-            return []
-        return sorted((p for p in self.directory.iterdir() if _NAME.match(p.name)), key=lambda p: p.name, reverse=True)
-
-    def path_for(self, snapshot: Snapshot) -> Path:
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", snapshot.snapshot_id):
-            raise ValueError(f"snapshot id {snapshot.snapshot_id!r} is not safe in a file name")
-        micros = int(round(snapshot.created_at * 1e6))
-        return self.directory / f"snapshot-{micros:020d}-{snapshot.snapshot_id}.sfsnap"
-
-    def write(self, snapshot: Snapshot) -> Path:
-        """Write atomically (temp file, fsync, rename, fsync the directory), then prune old files."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        final = self.path_for(snapshot)
-        tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "wb") as fh:
-                snapshot.write_to(fh)  # hashed while written: no copy of the 100 MB payload
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, final)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        _fsync_directory(self.directory)
-        self._prune()
-        return final
-
-    def load(self, path: str | os.PathLike) -> Snapshot:
-        try:
-            data = Path(path).read_bytes()
-        except OSError as exc:
-            raise SnapshotCorrupt(f"unreadable: {exc}") from exc
-        return Snapshot.from_bytes(data)
-
-    def latest(self) -> Snapshot | None:
-        """The newest snapshot that loads cleanly; corrupt ones are logged, counted and skipped."""
-        return self.latest_with_path()[1]
-
-    def latest_with_path(self) -> tuple[Path | None, Snapshot | None]:
-        """(file, snapshot) of the newest snapshot that loads cleanly; (None, None) if there is none."""
-        for path in self.list():
-            try:
-                return path, self.load(path)
-            except SnapshotCorrupt as exc:
-                self.corrupt_skipped += 1
-                log.warning("skipping corrupt snapshot %s: %s", path, exc)
-        return None, None
-
-    def _prune(self) -> None:
-        for old in self.list()[self.keep:]:
-            old.unlink(missing_ok=True)
-        for stale in self.directory.glob(".snapshot-*.tmp"):  # left by a writer killed mid-write
-            try:
-                if time.time() - stale.stat().st_mtime > _STALE_TMP_S:
-                    stale.unlink(missing_ok=True)
-            except OSError:
-                pass
-
-
-class SnapshotHandoff:
-    """The snapshot the aggregator of this process wrote last, for a route in the same process (`run`).
-
-    The writer publishes the `Snapshot` object once its file is durable (fsynced and renamed);
-    a route that finds that file newest in the store adopts the object instead of reading the
-    file back and hashing it again (~1.8 s of CPU at the paper's sketch, R=1000, B=20000).
-    A file the handoff does not hold (another writer's, or one found at start-up) is still
-    loaded and verified. The snapshot is never modified after publishing (it is a copy of the
-    live state), so readers share it without a lock.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Condition()
-        self._name: str | None = None
-        self._snapshot: Snapshot | None = None
-        self.version = 0  # incremented on each publish: a cheap "anything new?" for the route
-
-    def publish(self, path: Path, snapshot: Snapshot) -> None:
-        with self._lock:
-            self._name, self._snapshot = Path(path).name, snapshot
-            self.version += 1
-            self._lock.notify_all()
-
-    def get(self, path: Path) -> Snapshot | None:
-        """The published snapshot if it is the one in file `path`, else None (read the file)."""
-        with self._lock:
-            return self._snapshot if self._name == Path(path).name else None
-
-    def wait(self, version: int, timeout_s: float) -> bool:
-        """Block until a snapshot newer than `version` is published or `timeout_s` passes; True if one was."""
-        with self._lock:
-            return self._lock.wait_for(lambda: self.version != version, timeout=timeout_s)
-
-
-def _fsync_directory(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return  # not supported on this platform
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -25,13 +25,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from streamfilter.density.policy import Policy, PolicyNotReady
 from streamfilter.density.quantiles import DEFAULT_KLL_K, ScoreQuantiles
 from streamfilter.density.calibrate import (DEFAULT_CALIBRATION_DOCS, DEFAULT_TARGET_RANDOM_COLLISION,
                                             STREAM_TARGET_RANDOM_COLLISION, stream_width)
 from streamfilter.density.race import DEFAULT_BUCKETS, DEFAULT_K, DEFAULT_ROWS, DEFAULT_WIDTH, RaceSketch
 from streamfilter.density.reservoir import DEFAULT_RESERVOIR_SIZE, Reservoir
 from streamfilter.density.snapshot import Snapshot, new_snapshot_id
+from streamfilter.policies import Policy, PolicyNotReady
 
 log = logging.getLogger(__name__)
 WIDTH_WARN_RATIO = 1.25  # a configured width this far (either way) from the stream's calibrated one is logged
@@ -247,3 +247,32 @@ class SketchState:
                 except PolicyNotReady as exc:
                     log.debug("no IPS constant yet for %s: %s", policy.key, exc)
         return snap
+
+
+def merge_snapshots(items: Sequence[tuple[object, Snapshot]], policies=(), allow_overlap: bool = False) -> Snapshot:
+    """One snapshot of several aggregators' streams (`items`: (path, snapshot) pairs, the path only names
+    them in errors); UserError naming the file that cannot be added."""
+    from streamfilter.errors import UserError
+
+    if len(items) < 2:
+        raise UserError("merge needs at least two snapshots")
+    (first_path, first), rest = items[0], items[1:]
+    state = SketchState.restore(first, policies=policies)
+    seen = {first.snapshot_id: first_path}
+    for path, snapshot in rest:
+        if snapshot.snapshot_id in seen:
+            raise UserError(f"cannot merge {path}: it is snapshot {snapshot.snapshot_id} again ({seen[snapshot.snapshot_id]})")
+        mismatch = first.sketch.parameter_mismatch(snapshot.sketch)
+        if mismatch is not None:
+            raise UserError(f"cannot merge {path}: other sketch parameters than {first_path}: {mismatch}")
+        if snapshot.policy_seed != first.policy_seed:
+            raise UserError(f"cannot merge {path}: policy seed {snapshot.policy_seed} != {first.policy_seed} "
+                            f"of {first_path} (their reservoirs sample differently)")
+        overlap = sorted(set(state.offsets) & set(snapshot.offsets))
+        if overlap and not allow_overlap:
+            topic, partition = overlap[0]
+            raise UserError(f"cannot merge {path}: it also covers {topic}[{partition}], so those documents would "
+                            "count twice (merge aggregators of disjoint partitions, or pass --allow-overlap)")
+        state.merge(SketchState.restore(snapshot))
+        seen[snapshot.snapshot_id] = path
+    return state.snapshot()

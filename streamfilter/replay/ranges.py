@@ -115,6 +115,13 @@ def check_order(start: Position, end: Position) -> None:
                 raise ConfigError(f"--from {start.text!r} is after --to {end.text!r}{where} (from > to)")
 
 
+def parse_range(start: str, end: str) -> tuple[Position, Position]:
+    """`--from` and `--to` parsed and checked against each other (ConfigError naming the flag)."""
+    first, last = parse_position(start, "--from"), parse_position(end, "--to")
+    check_order(first, last)
+    return first, last
+
+
 def resolve(consumer, topic: str, start: Position, end: Position) -> dict[int, tuple[int, int]]:
     """{partition: (first offset, end offset)} for the range, fixed now. `consumer` must be read_committed
     (its end offsets are then the last stable offsets: an open transaction's records are not in range)."""

@@ -24,8 +24,9 @@ log = logging.getLogger("streamfilter.stages")
 class RouteTransform:
     """Pass 2: scored records → accepted / rejected, deciding with the newest snapshot.
 
-    With `fixed=True` (replay), every decision uses `snapshot` (None only for `random`) and
-    the store is never consulted; `stage` names the metrics' and DLQ headers' stage.
+    With `fixed=True` (replay), every decision uses `snapshot` (None only for a policy that
+    needs none: `random`) and the store is never consulted; `stage` names the metrics' and
+    DLQ headers' stage.
 
     `handoff` (`run`: the aggregator in the same process) hands over each snapshot the
     aggregator has just written: the route wakes as soon as one is published and adopts it
@@ -36,11 +37,11 @@ class RouteTransform:
 
     def __init__(self, config: Config, stopping: threading.Event | None = None, *, fixed: bool = False,
                  snapshot=None, stage: str | None = None, handoff=None, job: str = "live"):
-        from streamfilter.density.snapshot import SnapshotStore
+        from streamfilter.stages.store import open_store
 
         self.config = config
         self.policy = build_policy(config)
-        self.store = SnapshotStore(config.sketch.snapshot_dir, keep=config.sketch.keep_snapshots)
+        self.store = open_store(config)
         self.prepared = None
         self.fixed_snapshot = fixed
         if fixed:
@@ -48,7 +49,7 @@ class RouteTransform:
         if stage is not None:
             self.stage = stage
         self.stopping = stopping or threading.Event()
-        self.handoff = handoff  # density.snapshot.SnapshotHandoff, or None
+        self.handoff = handoff  # density.snapshot_store.SnapshotHandoff, or None
         p = self.policy
         self.provenance = Provenance(p.name, p.keep_rate, p.quality_keep, p.seed, job=job)
         self._provenance_headers = self.provenance.headers()  # the same on every record: built once
@@ -60,14 +61,14 @@ class RouteTransform:
 
     @property
     def needs_snapshot(self) -> bool:
-        return self.policy.name != "random"
+        return self.policy.needs_snapshot
 
     def wait_for_snapshot(self) -> None:
         """Block until a snapshot covering at least `route.min_snapshot_docs` documents exists."""
         if self.fixed_snapshot:
             return
         if not self.needs_snapshot:
-            self.prepared = self.policy.prepare(self._latest())
+            self.prepared = self.policy.prepare(self.store.latest())
             return
         waited_since = time.monotonic()
         while not self.stopping.is_set():
@@ -83,15 +84,6 @@ class RouteTransform:
             else:
                 self.stopping.wait(wait_s)
 
-    def _latest(self):
-        return self._latest_with_path()[1]
-
-    def _latest_with_path(self):
-        before = self.store.corrupt_skipped
-        path, snapshot = self.store.latest_with_path()
-        if self.store.corrupt_skipped > before:
-            metrics.SNAPSHOTS_CORRUPT.inc(self.store.corrupt_skipped - before)
-        return path, snapshot
 
     def _newest(self):
         """The newest snapshot, read only when the store's newest file is one not seen before (None
@@ -106,12 +98,12 @@ class RouteTransform:
         snapshot = self.handoff.get(files[0]) if self.handoff is not None else None
         self._handed_over = snapshot is not None
         if snapshot is None:
-            _, snapshot = self._latest_with_path()  # verified; a corrupt newest file falls back to an older one
+            snapshot = self.store.latest()  # verified; a corrupt newest file falls back to an older one
         return snapshot
 
     def _refresh(self) -> bool:
         """Adopt a newer snapshot if there is one; True when a prepared policy is in place."""
-        from streamfilter.density.policy import PolicyNotReady
+        from streamfilter.policies import PolicyNotReady
 
         self._checked_at = time.monotonic()
         snapshot = self._newest()
@@ -195,7 +187,7 @@ def decide_scored(prepared, scored: list[ScoredRecord]) -> list:
     askllm = np.fromiter((s.askllm for s in scored), dtype=np.float64, count=len(scored))
     embeddings = np.stack([s.embedding for s in scored]).astype(np.float32) if prepared.sketch is not None else None
     perplexity = None
-    if getattr(prepared, "perplexity_threshold", None) is not None:
+    if prepared.policy.uses_perplexity:
         perplexity = np.array([np.nan if s.perplexity is None else s.perplexity for s in scored], dtype=np.float64)
     return prepared.decide(ids, askllm, embeddings, perplexity)
 

@@ -22,8 +22,10 @@ class ScoreTransform:
 
     stage = "score"
 
-    def __init__(self, config: Config, scorer=None, embedder=None, perplexity=None, *, job: str = "live"):
+    def __init__(self, config: Config, scorer=None, embedder=None, perplexity=None, *, job: str = "live",
+                 stage: str = "score"):
         self.config = config
+        self.stage = stage  # the metrics' and DLQ headers' stage: "score", or "replay" (rescore)
         self.job = job  # `sf-job` of the scored records: "live", or a replay's job id (rescore)
         self.scorer = scorer  # AskLLMScorer-like: score(texts, batch_size) -> [n] P(yes); model_id
         self.embedder = embedder  # SentenceEmbedder-like: embed(texts, batch_size) -> [n, dim]; model_id, dim

@@ -38,16 +38,16 @@ class SketchAggregator:
     stage = "sketch"
 
     def __init__(self, config: Config, handoff=None):
-        from streamfilter.density.snapshot import SnapshotStore
+        from streamfilter.stages.store import open_store
 
         self.config = config
-        self.store = SnapshotStore(config.sketch.snapshot_dir, keep=config.sketch.keep_snapshots)
+        self.store = open_store(config)
         self.policy = build_policy(config)
         self.state = None
         self.consumer = None
         self._dirty = False
         self._usable_written = False  # a snapshot with >= route.min_snapshot_docs documents exists
-        self.handoff = handoff  # density.snapshot.SnapshotHandoff, or None
+        self.handoff = handoff  # density.snapshot_store.SnapshotHandoff, or None
         self.health = StageHealth(self.stage)
         self.watch = ConsumerWatch(self.health)
         self._stopping = threading.Event()
@@ -56,10 +56,7 @@ class SketchAggregator:
     def restore(self) -> None:
         from streamfilter.density.state import SketchState
 
-        before = self.store.corrupt_skipped
         snapshot = self.store.latest()
-        if self.store.corrupt_skipped > before:
-            metrics.SNAPSHOTS_CORRUPT.inc(self.store.corrupt_skipped - before)
         if snapshot is not None:
             self.state = SketchState.restore(snapshot, policies=[self.policy])
             self._usable_written = snapshot.doc_count >= self.config.route.min_snapshot_docs

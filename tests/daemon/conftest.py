@@ -1,8 +1,11 @@
-"""Helpers for running the real daemon (`python -m streamfilter run`) against the test broker."""
+"""Helpers for running the real daemon (`python -m streamfilter run`) against the test broker.
+
+The plain Kafka helpers (producing, reading committed output, the config file) are
+`kafka_helpers`', imported from here too; the `test_models` fixture is `tests/conftest.py`'s.
+"""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -13,17 +16,17 @@ from pathlib import Path
 
 import msgpack
 import pytest
-from kafka import KafkaConsumer, KafkaProducer
 
+from kafka_helpers import (
+    MAX_RECORD_BYTES, TOPIC_KINDS, OutputCollector, produce, read_committed, stream_config, to_toml, wait_for,
+    write_config,
+)
 from streamfilter.broker import free_port
 from streamfilter.corpus import junk_documents, wiki_documents
 
-
-@pytest.fixture(scope="session")
-def test_models():
-    from streamfilter.models import ensure_test_models
-
-    return ensure_test_models()
+# What the daemon and deploy tests import from here (kafka_helpers' among them).
+__all__ = ["Daemon", "MALFORMED_KINDS", "OutputCollector", "malformed_values", "produce", "read_committed",
+           "sample_documents", "to_toml", "wait_for"]
 
 
 @dataclass
@@ -87,40 +90,22 @@ def daemon_config(tmp_path, names, bootstrap, test_models):
     def make(bootstrap_servers: str = bootstrap, **sections) -> tuple[Path, dict, Path]:
         from kafka.admin import KafkaAdminClient, NewTopic
 
-        topics = {k: names.topic(k) for k in ("raw", "scored", "accepted", "rejected", "dlq")}
+        topics = {k: names.topic(k) for k in TOPIC_KINDS}
         admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers)
         admin.create_topics([NewTopic(t, num_partitions=3, replication_factor=1,
-                                      topic_configs={"max.message.bytes": str(16 * 1_048_576)})
+                                      topic_configs={"max.message.bytes": str(MAX_RECORD_BYTES)})
                              for t in topics.values()])
         admin.close()
         snapshots = tmp_path / "snapshots"
-        base = {
-            "kafka": {"bootstrap_servers": bootstrap_servers, "instance_id": "test", "group_prefix": names.prefix,
-                      "session_timeout_ms": 3000, "heartbeat_interval_ms": 500, "transaction_timeout_ms": 10000},
-            "topics": {**topics, "partitions": 3},
-            "models": {"askllm": str(test_models.askllm), "embedder": str(test_models.sentence_t5),
-                       "max_tokens": 128, "variant": "fp32", "inference_batch_docs": 32},
-            "batch": {"max_batch_docs": 128, "max_wait_ms": 200},
-            "sketch": {"rows": 100, "buckets": 2000, "snapshot_dir": str(snapshots), "snapshot_interval_s": 1.0},
-            "policy": {"name": "askllm+density", "keep_rate": 0.3, "quality_keep": 0.6},
-            "route": {"snapshot_poll_s": 1.0, "min_snapshot_docs": 1},  # streams of a few hundred documents
-            "daemon": {"metrics_port": free_port(), "shutdown_timeout_s": 20},
-        }
-        for section, values in sections.items():
-            base.setdefault(section, {}).update(values)
-        path = tmp_path / "streamfilter.toml"
-        path.write_text(to_toml(base))
-        return path, topics, snapshots
+        base = stream_config(bootstrap_servers, names.prefix, topics, partitions=3)
+        base["models"] = {"askllm": str(test_models.askllm), "embedder": str(test_models.sentence_t5),
+                          "max_tokens": 128, "variant": "fp32", "inference_batch_docs": 32}
+        base["batch"] = {"max_batch_docs": 128, "max_wait_ms": 200}
+        base["sketch"] = {"rows": 100, "buckets": 2000, "snapshot_dir": str(snapshots), "snapshot_interval_s": 1.0}
+        base["daemon"]["metrics_port"] = free_port()
+        return write_config(tmp_path / "streamfilter.toml", base, sections), topics, snapshots
 
     return make
-
-
-def to_toml(data: dict) -> str:
-    lines = []
-    for section, values in data.items():
-        lines.append(f"[{section}]")
-        lines.extend(f"{k} = {json.dumps(v)}" for k, v in values.items())
-    return "\n".join(lines) + "\n"
 
 
 @pytest.fixture
@@ -177,72 +162,3 @@ MALFORMED_KINDS = (
 def malformed_values(n: int) -> list[bytes]:
     """n distinct malformed values cycling through every kind of bad input."""
     return [MALFORMED_KINDS[i % len(MALFORMED_KINDS)](i) for i in range(n)]
-
-
-def produce(bootstrap: str, topic: str, values: list[bytes], keys: list[bytes | None] | None = None,
-            headers: list[tuple[str, bytes]] | None = None) -> None:
-    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, max_request_size=16 * 1_048_576)
-    for i, value in enumerate(values):
-        producer.send(topic, value=value, key=keys[i] if keys else None, headers=headers)
-    producer.flush()
-    producer.close()
-
-
-def read_committed(bootstrap: str, topic: str, expected: int | None = None, timeout_s: float = 30) -> list:
-    """All committed records of `topic` (waits until `expected` arrived or nothing new came for a while)."""
-    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest",
-                             enable_auto_commit=False, isolation_level="read_committed",
-                             max_partition_fetch_bytes=16 * 1_048_576)
-    records, deadline, quiet_since = [], time.monotonic() + timeout_s, time.monotonic()
-    while time.monotonic() < deadline:
-        polled = consumer.poll(timeout_ms=500)
-        got = [r for part in polled.values() for r in part]
-        records.extend(got)
-        if got:
-            quiet_since = time.monotonic()
-        if expected is not None and len(records) >= expected and time.monotonic() - quiet_since > 1.0:
-            break
-        if expected is None and time.monotonic() - quiet_since > 3.0:
-            break
-    consumer.close()
-    return records
-
-
-class OutputCollector:
-    """A read_committed reader of the output topics that accumulates records across polls."""
-
-    def __init__(self, bootstrap: str, topics: list[str]):
-        self.consumer = KafkaConsumer(*topics, bootstrap_servers=bootstrap, group_id=None,
-                                      auto_offset_reset="earliest", enable_auto_commit=False,
-                                      isolation_level="read_committed", max_partition_fetch_bytes=16 * 1_048_576)
-        self.records: dict[str, list] = {t: [] for t in topics}
-
-    @property
-    def total(self) -> int:
-        return sum(len(v) for v in self.records.values())
-
-    def poll(self, timeout_ms: int = 500) -> int:
-        for tp, part in self.consumer.poll(timeout_ms=timeout_ms).items():
-            self.records[tp.topic].extend(part)
-        return self.total
-
-    def wait_total(self, n: int, timeout_s: float, alive=lambda: True) -> None:
-        deadline = time.monotonic() + timeout_s
-        while self.poll() < n and time.monotonic() < deadline:
-            assert alive(), "the daemon exited"
-        # a little longer: anything beyond n would be a duplicate
-        end = time.monotonic() + 2
-        while time.monotonic() < end:
-            self.poll(200)
-
-    def close(self) -> None:
-        self.consumer.close()
-
-
-def wait_for(predicate, timeout_s: float, interval_s: float = 1.0, message: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(interval_s)
-    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {message}")

@@ -20,7 +20,7 @@ import pytest
 from kafka import KafkaConsumer
 
 from streamfilter.broker import free_port
-from streamfilter.density.snapshot import SnapshotStore
+from streamfilter.density.snapshot_store import SnapshotStore
 
 from .conftest import (
     Daemon, OutputCollector, malformed_values, produce, read_committed, sample_documents, to_toml, wait_for,

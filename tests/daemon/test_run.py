@@ -10,7 +10,7 @@ import time
 import msgpack
 import pytest
 
-from streamfilter.density.snapshot import SnapshotStore
+from streamfilter.density.snapshot_store import SnapshotStore
 
 from .conftest import OutputCollector, malformed_values, produce, sample_documents, wait_for
 

@@ -12,10 +12,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from streamfilter.density.calibrate import random_pair_distance, stream_width
-from streamfilter.density.policy import build_policy, solve_ips_constant
 from streamfilter.density.race import RaceSketch, lsh_kernel
 from streamfilter.density.snapshot import Snapshot
 from streamfilter.density.state import SketchState
+from streamfilter.policies import build_policy, solve_ips_constant
 
 SLOW = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                        HealthCheck.function_scoped_fixture])
@@ -235,30 +235,29 @@ def test_density_sampling_evens_out_near_copies_on_real_embeddings(wiki):
 
 
 def test_a_calibrating_configuration_accepts_any_stored_width(make_clustered):
-    from streamfilter.config import Config
-    from streamfilter.density.snapshots import config_mismatch
+    from streamfilter.config import load_config
+    from streamfilter.density.snapshot_inspect import config_mismatch
 
     x, _ = make_clustered(100, dim=8)
     state = SketchState.create(8, rows=10, buckets=64, k=8, width=None, leave_one_out=True, calibration_docs=50)
     feed(state, x, [])
     snap = state.snapshot()
-    config = Config()
-    config.sketch.rows, config.sketch.buckets = 10, 64
+    config = load_config(env={}, overrides=["sketch.rows=10", "sketch.buckets=64"])
     assert config_mismatch(snap, config) is None  # sketch.width = 0: calibrated, whatever it came to
-    config.sketch.width = snap.sketch.width * 1.5
+    config = load_config(env={}, overrides=["sketch.rows=10", "sketch.buckets=64",
+                                            f"sketch.width={snap.sketch.width * 1.5!r}"])
     assert "width" in config_mismatch(snap, config)
 
 
 def test_the_aggregator_calibrates_unless_a_width_is_configured(tmp_path):
-    from streamfilter.config import Config
+    from streamfilter.config import load_config
     from streamfilter.stages.sketch import SketchAggregator
 
-    config = Config()
-    config.sketch.snapshot_dir = str(tmp_path)
-    config.sketch.rows, config.sketch.buckets = 10, 64
+    base = [f"sketch.snapshot_dir={tmp_path}", "sketch.rows=10", "sketch.buckets=64"]
+    config = load_config(env={}, overrides=base)
     state = SketchAggregator(config)._new_state(8)
     assert state.calibrating and state.dim == 8 and state.sketch.leave_one_out  # reading it builds it
-    config.sketch.width, config.sketch.leave_one_out = 1.2, False
+    config = load_config(env={}, overrides=base + ["sketch.width=1.2", "sketch.leave_one_out=false"])
     state = SketchAggregator(config)._new_state(8)
     assert not state.calibrating and state.sketch.width == 1.2 and not state.sketch.leave_one_out
 

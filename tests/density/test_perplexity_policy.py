@@ -6,9 +6,9 @@ import msgpack
 import numpy as np
 import pytest
 
-from streamfilter.density.policy import PolicyNotReady, build_policy
 from streamfilter.density.snapshot import Snapshot
 from streamfilter.density.state import SketchState
+from streamfilter.policies import PolicyNotReady, build_policy
 from streamfilter.records import Document, ScoredRecord
 from streamfilter.stages import decide_scored
 

@@ -11,15 +11,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from streamfilter.density.hashing import uniform_coins
-from streamfilter.density.policy import (
-    POLICY_NAMES,
+from streamfilter.density.state import SketchState
+from streamfilter.errors import ConfigError
+from streamfilter.policies import (
     InversePropensityPolicy,
     PolicyNotReady,
     build_policy,
+    policy_names,
     solve_ips_constant,
 )
-from streamfilter.density.state import SketchState
-from streamfilter.errors import ConfigError
+
+POLICY_NAMES = policy_names()
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from scipy.stats import kendalltau
 
-from streamfilter.density.policy import build_policy
 from streamfilter.density.race import DEFAULT_K, DEFAULT_WIDTH, RaceSketch, lsh_kernel
 from streamfilter.density.state import SketchState
+from streamfilter.policies import build_policy
 
 pytestmark = pytest.mark.slow
 KEEP = 0.2

@@ -11,7 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from streamfilter.density.snapshot import MAGIC, Snapshot, SnapshotCorrupt, SnapshotStore
+from streamfilter.density.snapshot import MAGIC, Snapshot, SnapshotCorrupt
+from streamfilter.density.snapshot_store import SnapshotStore
 from streamfilter.density.state import SketchState
 
 

@@ -6,9 +6,9 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streamfilter.density.policy import build_policy
 from streamfilter.density.snapshot import Snapshot
 from streamfilter.density.state import SketchState
+from streamfilter.policies import build_policy
 
 DIM = 8
 

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from kafka import KafkaProducer
 
-from daemon.conftest import OutputCollector, produce, test_models, to_toml, wait_for  # noqa: F401 (re-exported)
-from streamfilter.density.snapshot import SnapshotStore
+from kafka_helpers import MAX_RECORD_BYTES, TOPIC_KINDS, OutputCollector, stream_config, write_config
+from streamfilter.density.snapshot_store import SnapshotStore
 from streamfilter.density.state import SketchState
 from streamfilter.records import Document, ScoredRecord, encode_scored
 
@@ -56,7 +56,7 @@ def produce_scored(bootstrap: str, topic: str, records: list[ScoredRecord], time
     """Produce scored records round-robin; with `transaction_docs`, in transactions of that many (as the
     score stage writes them: each leaves a commit marker in every partition it touched)."""
     settings = {"transactional_id": f"produce-{topic}"} if transaction_docs else {}
-    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, max_request_size=16 * 1_048_576, **settings)
+    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, max_request_size=MAX_RECORD_BYTES, **settings)
     if transaction_docs:
         producer.init_transactions()
     for i, record in enumerate(records):
@@ -77,24 +77,14 @@ def replay_config(tmp_path, names, bootstrap, create_topics):
     """Write a config whose `topics.scored` holds nothing yet; returns (config path, topics, snapshot dir)."""
 
     def make(partitions: int = 3, **sections) -> tuple[Path, dict, Path]:
-        topics = {k: names.topic(k) for k in ("raw", "scored", "accepted", "rejected", "dlq")}
+        topics = {k: names.topic(k) for k in TOPIC_KINDS}
         create_topics({t: partitions for t in topics.values()})
         snapshots = tmp_path / "snapshots"
-        base = {
-            "kafka": {"bootstrap_servers": bootstrap, "instance_id": "test", "group_prefix": names.prefix,
-                      "session_timeout_ms": 3000, "heartbeat_interval_ms": 500, "transaction_timeout_ms": 10000},
-            "topics": {**topics, "partitions": partitions},
-            "batch": {"max_batch_docs": 256, "max_wait_ms": 200},
-            "sketch": {**SKETCH, "snapshot_dir": str(snapshots)},
-            "policy": {"name": "askllm+density", "keep_rate": 0.3, "quality_keep": 0.6},
-            "route": {"snapshot_poll_s": 1.0, "min_snapshot_docs": 1},  # streams of a few hundred documents
-            "daemon": {"metrics_port": 0, "shutdown_timeout_s": 20},
-        }
-        for section, values in sections.items():
-            base.setdefault(section, {}).update(values)
-        path = tmp_path / "streamfilter.toml"
-        path.write_text(to_toml(base))
-        return path, topics, snapshots
+        base = stream_config(bootstrap, names.prefix, topics, partitions)
+        base["batch"] = {"max_batch_docs": 256, "max_wait_ms": 200}
+        base["sketch"] = {**SKETCH, "snapshot_dir": str(snapshots)}
+        base["daemon"]["metrics_port"] = 0
+        return write_config(tmp_path / "streamfilter.toml", base, sections), topics, snapshots
 
     return make
 

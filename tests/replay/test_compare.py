@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from streamfilter.density.policy import Decision
+from streamfilter.policies import Decision
 from streamfilter.records import Document
 from streamfilter.replay.compare import Comparison, field_value, format_report
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import json
+import re
 import signal
 import time
 
@@ -11,12 +12,10 @@ import msgpack
 import pytest
 from kafka.admin import KafkaAdminClient
 
-from streamfilter.density.snapshot import SnapshotStore
+from kafka_helpers import OutputCollector, produce, wait_for
+from streamfilter.density.snapshot_store import SnapshotStore
 
-from .conftest import (
-    OutputCollector, build_snapshot, count_committed, produce, produce_scored, scored_records, start_streamfilter,
-    streamfilter, wait_for,
-)
+from .conftest import build_snapshot, count_committed, produce_scored, scored_records, start_streamfilter, streamfilter
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -89,7 +88,9 @@ def test_sigkill_mid_replay_resumes_and_writes_each_document_once(bootstrap, rep
 
     result = streamfilter(*command)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "resumed at" in result.stdout
+    resumed = re.search(r"resumed at (\d+)/(\d+) offsets", result.stdout)
+    assert resumed, result.stdout
+    assert 0 < int(resumed[1]) < int(resumed[2]) == len(records)  # where this run began, not where it ended
     collector.wait_total(len(records), timeout_s=60)
     collector.close()
     got = ids_of(collector.records[out[0]]) + ids_of(collector.records[out[1]])

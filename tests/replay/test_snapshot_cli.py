@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from streamfilter.commands import main
-from streamfilter.density.snapshot import SnapshotStore
+from streamfilter.density.snapshot_store import SnapshotStore
 from streamfilter.density.state import SketchState
 
 from .conftest import build_snapshot, scored_records
