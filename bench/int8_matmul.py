@@ -22,7 +22,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from streamfilter.models.graphs import _int8_blocks, _int8_per_column  # noqa: E402
+from streamfilter.models.graphs.quantize import _int8_blocks, _int8_per_column  # noqa: E402
 
 
 def _model(node, initializers, k: int) -> bytes:

@@ -66,9 +66,7 @@ def _export(args: argparse.Namespace) -> int:
     if args.kind == "askllm":
         out = export.export_askllm(args.model, args.out, max_tokens=args.max_tokens, **kw)
     elif args.kind == "perplexity":
-        from streamfilter.models.export_causal import export_causal
-
-        out = export_causal(args.model, perplexity_out=args.out, max_tokens=args.max_tokens, **kw)["perplexity"]
+        out = export.export_causal(args.model, perplexity_out=args.out, max_tokens=args.max_tokens, **kw)["perplexity"]
     else:
         out = export.export_embedder(args.model, args.out, **kw)
     print(out)
@@ -128,23 +126,20 @@ def _score(args: argparse.Namespace) -> int:
 
     if args.askllm is None and args.embedder is None and args.perplexity is None:
         raise ConfigError("models score: give --askllm DIR, --embedder DIR and/or --perplexity DIR")
+    from streamfilter.models.askllm_causal import CausalAskLLMScorer
+    from streamfilter.models.loader import load_model
+
     providers = [p.strip() for p in args.providers.split(",")] if args.providers else None
     scorer = embedder = ppl = None
     if args.askllm is not None:
-        from streamfilter.models.askllm import AskLLMScorer
-
-        scorer = AskLLMScorer.load(args.askllm, max_tokens=args.max_tokens, providers=providers,
-                                   intra_op_threads=args.threads, variant=args.variant)
+        scorer = load_model(args.askllm, kind="askllm", max_tokens=args.max_tokens, providers=providers,
+                            intra_op_threads=args.threads, variant=args.variant)
     if args.perplexity is not None:
-        from streamfilter.models.perplexity import PerplexityScorer
-
-        ppl = PerplexityScorer.load(args.perplexity, max_tokens=args.max_tokens, providers=providers,
-                                    intra_op_threads=args.threads, variant=None if args.variant == "fp16" else args.variant)
+        ppl = load_model(args.perplexity, kind="perplexity", max_tokens=args.max_tokens, providers=providers,
+                         intra_op_threads=args.threads, variant=None if args.variant == "fp16" else args.variant)
     if args.embedder is not None:
-        from streamfilter.models.embedder import SentenceEmbedder
-
-        embedder = SentenceEmbedder.load(args.embedder, providers=providers, intra_op_threads=args.threads,
-                                         variant=None if args.variant == "fp16" else args.variant)
+        embedder = load_model(args.embedder, kind="embedder", providers=providers, intra_op_threads=args.threads,
+                              variant=None if args.variant == "fp16" else args.variant)
     progress = _Progress(enabled=sys.stderr.isatty())
     out = sys.stdout
     n_bad = 0
@@ -157,7 +152,7 @@ def _score(args: argparse.Namespace) -> int:
         texts = [t for _, _, t in batch]
         rows = [{"id": doc_id} for _, doc_id, _ in batch]
         if scorer is not None:
-            if scorer.backend == "causal":
+            if isinstance(scorer, CausalAskLLMScorer):
                 yes_no, variants = scorer.log_probs_all(texts, batch_size=args.batch_size)
                 logp = yes_no[:, 0]
                 for row, pv in zip(rows, np.exp(variants.astype(np.float64)).sum(axis=1).tolist()):

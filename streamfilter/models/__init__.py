@@ -1,9 +1,11 @@
-"""The paper's two model signals on ONNX Runtime: Ask-LLM (quality) and Sentence-T5 (embeddings).
+"""The paper's model signals on ONNX Runtime: Ask-LLM (quality), Sentence-T5 (embeddings), perplexity.
 
-Runtime path (`askllm`, `embedder`, `runtime`, `manifest`, `text`) needs only numpy,
-onnxruntime and tokenizers. Exporting (`export`, `graphs`, `testmodels`, `reference`)
-needs the `export` extra (torch, transformers, optimum, sentence-transformers, onnx).
+Runtime path (`loader`, `base`, `askllm`, `askllm_causal`, `perplexity`, `embedder`, `runtime`,
+`manifest`, `text`, and `scorer`: the protocols the score stage depends on) needs only numpy,
+onnxruntime and tokenizers. Exporting (`export`, `graphs`, `testmodels`, `reference`) needs
+the `export` extra (torch, transformers, optimum, sentence-transformers, onnx).
 
+`load_model(folder)` reads the folder's manifest and returns the class that runs it.
 Names are resolved lazily so that `import streamfilter.models` (done by the CLI) stays cheap.
 """
 
@@ -11,25 +13,36 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["AskLLMScorer", "CausalAskLLMScorer", "PerplexityScorer", "SentenceEmbedder", "Manifest", "load_manifest",
+__all__ = ["load_model", "AskLLMScorer", "CausalAskLLMScorer", "PerplexityScorer", "SentenceEmbedder",
+           "OnnxTextModel", "QualityScorer", "Embedder", "PerplexityModel", "Manifest", "load_manifest",
            "ensure_test_models", "ensure_causal_test_models"]
 
 _LAZY = {
+    "load_model": "streamfilter.models.loader",
     "AskLLMScorer": "streamfilter.models.askllm",
+    "CausalAskLLMScorer": "streamfilter.models.askllm_causal",
+    "PerplexityScorer": "streamfilter.models.perplexity",
     "SentenceEmbedder": "streamfilter.models.embedder",
+    "OnnxTextModel": "streamfilter.models.base",
+    "QualityScorer": "streamfilter.models.scorer",
+    "Embedder": "streamfilter.models.scorer",
+    "PerplexityModel": "streamfilter.models.scorer",
     "Manifest": "streamfilter.models.manifest",
     "load_manifest": "streamfilter.models.manifest",
     "ensure_test_models": "streamfilter.models.testmodels",
     "ensure_causal_test_models": "streamfilter.models.testmodels",
-    "CausalAskLLMScorer": "streamfilter.models.askllm_causal",
-    "PerplexityScorer": "streamfilter.models.perplexity",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
     from streamfilter.models.askllm import AskLLMScorer
+    from streamfilter.models.askllm_causal import CausalAskLLMScorer
+    from streamfilter.models.base import OnnxTextModel
     from streamfilter.models.embedder import SentenceEmbedder
+    from streamfilter.models.loader import load_model
     from streamfilter.models.manifest import Manifest, load_manifest
-    from streamfilter.models.testmodels import ensure_test_models
+    from streamfilter.models.perplexity import PerplexityScorer
+    from streamfilter.models.scorer import Embedder, PerplexityModel, QualityScorer
+    from streamfilter.models.testmodels import ensure_causal_test_models, ensure_test_models
 
 
 def __getattr__(name: str) -> Any:

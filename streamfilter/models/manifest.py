@@ -1,7 +1,7 @@
 """`manifest.json`: what an exported model folder holds, and the sha256 of every file in it.
 
 A model folder is written by `streamfilter models export` (or `build-test-models`) and
-read by `AskLLMScorer.load` / `SentenceEmbedder.load`. Loading refuses a file whose
+read by `loader.load_model` (or one class's `load`). Loading refuses a file whose
 sha256 differs from the manifest's: the bytes that are hashed are the bytes handed to
 ONNX Runtime (no window between check and use).
 """

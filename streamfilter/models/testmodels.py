@@ -24,6 +24,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Sequence
 
 from streamfilter.errors import UserError
 
@@ -87,36 +88,39 @@ def ensure_test_models(root: str | Path | None = None) -> TestModels:
     Returns their folders. When all three exist with this version's stamp and their
     manifests verify (sha256 of every file), nothing is built.
     """
-    root = Path(root) if root is not None else default_root()
-    root.mkdir(parents=True, exist_ok=True)
+    root = _root(root)
     paths = _paths(root)
-    if _valid(root, paths):
-        return paths
-    with _lock(root / ".lock"):
-        if _valid(root, paths):  # built by another process while we waited
-            return paths
-        t0 = time.monotonic()
-        build_test_models(root)
-        log.info("built test models in %s in %.0f s", root, time.monotonic() - t0)
+    _ensure(root, "test models", ".lock",
+            lambda: _valid(root / STAMP, TEST_MODELS_VERSION, (paths.askllm, paths.sentence_t5, paths.minilm),
+                           (paths.askllm_source, paths.sentence_t5_source)),
+            lambda: build_test_models(root))
     return paths
 
 
 def build_test_models(root: Path) -> TestModels:
     """Build all three test models under `root` unconditionally (see `ensure_test_models`)."""
-    import torch
-
     from streamfilter.models.export import export_askllm, export_embedder
 
     paths = _paths(root)
-    (root / STAMP).unlink(missing_ok=True)
-    torch.manual_seed(0)
-    _build_askllm_source(paths.askllm_source)
-    _build_sentence_t5_source(paths.sentence_t5_source)
-    export_askllm(str(paths.askllm_source), paths.askllm, name="askllm-tiny", max_tokens=512)
-    export_embedder(str(paths.sentence_t5_source), paths.sentence_t5, name="sentence-t5-tiny")
-    export_embedder(str(paths.minilm_source), paths.minilm, name="all-MiniLM-L6-v2")
-    (root / STAMP).write_text(json.dumps({"version": TEST_MODELS_VERSION}) + "\n")
+    with _stamped(root / STAMP, TEST_MODELS_VERSION):
+        _build_askllm_source(paths.askllm_source)
+        _build_sentence_t5_source(paths.sentence_t5_source)
+        export_askllm(str(paths.askllm_source), paths.askllm, name="askllm-tiny", max_tokens=512)
+        export_embedder(str(paths.sentence_t5_source), paths.sentence_t5, name="sentence-t5-tiny")
+        export_embedder(str(paths.minilm_source), paths.minilm, name="all-MiniLM-L6-v2")
     return paths
+
+
+@contextmanager
+def _stamped(stamp: Path, version: int):
+    """A build from torch seed 0 with `stamp` removed first and written (with `version`) only when the
+    build is done: a build cut short leaves no stamp, so the next `ensure_*` builds again."""
+    import torch
+
+    stamp.unlink(missing_ok=True)
+    torch.manual_seed(0)
+    yield
+    stamp.write_text(json.dumps({"version": version}) + "\n")
 
 
 def _t5_tokenizer():
@@ -150,27 +154,41 @@ def _spread_yes_no(model, tokenizer) -> None:
     """
     import torch
 
-    from streamfilter.corpus import junk_documents, wiki_documents
     from streamfilter.models.askllm import make_prompt
 
-    texts = [d.text for d in wiki_documents()[:40]] + [d.text for d in junk_documents(40, seed=1)]
+    texts = _spread_texts()
     enc = tokenizer([make_prompt(t) for t in texts], padding=True, truncation=True, max_length=512, return_tensors="pt")
     start = torch.full((len(texts), 1), model.config.decoder_start_token_id, dtype=torch.long)
     with torch.no_grad():
         h = model(**enc, decoder_input_ids=start, output_hidden_states=True).decoder_hidden_states[-1][:, 0]
-        mean = h.mean(0)
-        direction = torch.linalg.svd(h - mean, full_matrices=False).Vh[0]
-        z_scale = ((h - mean) @ direction).std()
-        offset = float(torch.log(torch.tensor(float(model.config.vocab_size))))
-        # logit(h) = offset + 2 * ((h - mean)·direction) / z_scale, written as one linear map of h.
-        w = 2.0 * direction / z_scale
-        w_const = (offset - mean @ w) * mean / (mean @ mean)  # constant part through h ≈ mean
-        head = model.lm_head.weight
-        head.mul_(1e-3)
-        yes = tokenizer("yes", add_special_tokens=False)["input_ids"][0]
-        no = tokenizer("no", add_special_tokens=False)["input_ids"][0]
-        head[yes] = w_const + w
-        head[no] = w_const - w
+        _set_yes_no_rows(model, tokenizer, h)
+
+
+def _spread_texts() -> list[str]:
+    from streamfilter.corpus import junk_documents, wiki_documents
+
+    return [d.text for d in wiki_documents()[:40]] + [d.text for d in junk_documents(40, seed=1)]
+
+
+def _set_yes_no_rows(model, tokenizer, h) -> None:
+    """The LM head scaled to ~0 but for the "yes" and "no" rows: ln(vocab) ± 2·z(h), z the standardised
+    projection of the answer-position state on the main direction of variation of `h` [n, hidden].
+    Runs under the caller's `torch.no_grad()`."""
+    import torch
+
+    mean = h.mean(0)
+    direction = torch.linalg.svd(h - mean, full_matrices=False).Vh[0]
+    z_scale = ((h - mean) @ direction).std()
+    offset = float(torch.log(torch.tensor(float(model.config.vocab_size))))
+    # logit(h) = offset + 2 * ((h - mean)·direction) / z_scale, written as one linear map of h.
+    w = 2.0 * direction / z_scale
+    w_const = (offset - mean @ w) * mean / (mean @ mean)  # constant part through h ≈ mean
+    head = model.lm_head.weight
+    head.mul_(1e-3)
+    yes = tokenizer("yes", add_special_tokens=False)["input_ids"][0]
+    no = tokenizer("no", add_special_tokens=False)["input_ids"][0]
+    head[yes] = w_const + w
+    head[no] = w_const - w
 
 
 def _build_sentence_t5_source(out: Path) -> None:
@@ -190,15 +208,34 @@ def _build_sentence_t5_source(out: Path) -> None:
         st.save(str(out))
 
 
-def _valid(root: Path, paths: TestModels) -> bool:
+def _root(root: str | Path | None) -> Path:
+    root = Path(root) if root is not None else default_root()
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def _ensure(root: Path, what: str, lock_name: str, valid: Callable[[], bool], build: Callable[[], object]) -> None:
+    """`build()` unless `valid()`; several processes may call this at once: a file lock serialises building."""
+    if valid():
+        return
+    with _lock(root / lock_name):
+        if valid():  # built by another process while we waited
+            return
+        t0 = time.monotonic()
+        build()
+        log.info("built %s in %s in %.0f s", what, root, time.monotonic() - t0)
+
+
+def _valid(stamp: Path, version: int, folders: Sequence[Path], sources: Sequence[Path]) -> bool:
+    """The stamp says `version`, every folder's manifest verifies (sha256 of every file), the sources exist."""
     from streamfilter.models.manifest import load_manifest
 
     try:
-        if json.loads((root / STAMP).read_text()).get("version") != TEST_MODELS_VERSION:
+        if json.loads(stamp.read_text()).get("version") != version:
             return False
-        for folder in (paths.askllm, paths.sentence_t5, paths.minilm):
+        for folder in folders:
             load_manifest(folder).verify_all()
-        return paths.askllm_source.is_dir() and paths.sentence_t5_source.is_dir()
+        return all(source.is_dir() for source in sources)
     except (OSError, ValueError, UserError):
         return False
 
@@ -243,37 +280,24 @@ def _causal_paths(root: Path) -> CausalTestModels:
 def ensure_causal_test_models(root: str | Path | None = None) -> CausalTestModels:
     """A tiny random-weight Qwen2 chat model (byte-level BPE trained on the Wikipedia summaries,
     ChatML template), exported as Ask-LLM and perplexity folders; built once (~20 s)."""
-    from streamfilter.models.manifest import load_manifest
-
-    root = Path(root) if root is not None else default_root()
-    root.mkdir(parents=True, exist_ok=True)
+    root = _root(root)
     paths = _causal_paths(root)
+    _ensure(root, "causal test models", ".lock-causal",
+            lambda: _valid(root / CAUSAL_STAMP, CAUSAL_TEST_MODELS_VERSION, (paths.askllm, paths.perplexity),
+                           (paths.source,)),
+            lambda: build_causal_test_models(root))
+    return paths
 
-    def valid() -> bool:
-        try:
-            if json.loads((root / CAUSAL_STAMP).read_text()).get("version") != CAUSAL_TEST_MODELS_VERSION:
-                return False
-            for folder in (paths.askllm, paths.perplexity):
-                load_manifest(folder).verify_all()
-            return paths.source.is_dir()
-        except (OSError, ValueError, UserError):
-            return False
 
-    if valid():
-        return paths
-    with _lock(root / ".lock-causal"):
-        if valid():
-            return paths
-        import torch
+def build_causal_test_models(root: Path) -> CausalTestModels:
+    """Build the causal test models under `root` unconditionally (see `ensure_causal_test_models`)."""
+    from streamfilter.models.export import export_causal
 
-        from streamfilter.models.export_causal import export_causal
-
-        (root / CAUSAL_STAMP).unlink(missing_ok=True)
-        torch.manual_seed(0)
+    paths = _causal_paths(root)
+    with _stamped(root / CAUSAL_STAMP, CAUSAL_TEST_MODELS_VERSION):
         _build_causal_source(paths.source)
         export_causal(str(paths.source), askllm_out=paths.askllm, perplexity_out=paths.perplexity,
                       name="causal-tiny", max_tokens=512)
-        (root / CAUSAL_STAMP).write_text(json.dumps({"version": CAUSAL_TEST_MODELS_VERSION}) + "\n")
     return paths
 
 
@@ -302,26 +326,12 @@ def _spread_causal_yes(model, tokenizer) -> None:
     main direction of variation of the last hidden state, so P(yes) spreads over (0, 1)."""
     import torch
 
-    from streamfilter.corpus import junk_documents, wiki_documents
     from streamfilter.models.askllm import make_prompt
 
-    texts = [d.text for d in wiki_documents()[:40]] + [d.text for d in junk_documents(40, seed=1)]
     states = []
     with torch.no_grad():
-        for t in texts:
+        for t in _spread_texts():
             ids = tokenizer.apply_chat_template([{"role": "user", "content": make_prompt(t)}], add_generation_prompt=True,
                                                 return_tensors="pt")
             states.append(model(input_ids=ids, output_hidden_states=True).hidden_states[-1][0, -1])
-        h = model.model.norm(torch.stack(states))
-        mean = h.mean(0)
-        direction = torch.linalg.svd(h - mean, full_matrices=False).Vh[0]
-        z_scale = ((h - mean) @ direction).std()
-        offset = float(torch.log(torch.tensor(float(model.config.vocab_size))))
-        w = 2.0 * direction / z_scale
-        w_const = (offset - mean @ w) * mean / (mean @ mean)
-        head = model.lm_head.weight
-        head.mul_(1e-3)
-        yes = tokenizer("yes", add_special_tokens=False)["input_ids"][0]
-        no = tokenizer("no", add_special_tokens=False)["input_ids"][0]
-        head[yes] = w_const + w
-        head[no] = w_const - w
+        _set_yes_no_rows(model, tokenizer, model.model.norm(torch.stack(states)))

@@ -8,11 +8,14 @@ tokens (whitespace-heavy text), so the cost stays proportional to what is kept.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from tokenizers import Tokenizer
 
 from streamfilter.errors import UserError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
 
 # Characters per token to try first: English averages ~4.5 for T5 and BERT vocabularies.
 FIRST_WINDOW_CHARS_PER_TOKEN = 8
@@ -92,7 +95,7 @@ def encode_bounded(tokenizer: Tokenizer, texts: Sequence[str], budget: int) -> l
     return ids
 
 
-def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, multiple: int = 8) -> tuple["np.ndarray", "np.ndarray"]:
+def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, multiple: int = 8) -> tuple[np.ndarray, np.ndarray]:
     """int64 input_ids and attention_mask [batch, length], right-padded to a multiple of `multiple`."""
     import numpy as np
 

@@ -11,6 +11,7 @@ from streamfilter import metrics
 from streamfilter.config import Config
 from streamfilter.errors import InvalidDocument
 from streamfilter.kafka_loop import Output, Outputs
+from streamfilter.models.scorer import Embedder, PerplexityModel, QualityScorer
 from streamfilter.records import Document, ScoredRecord, carried_headers, decode_raw, encode_scored
 from streamfilter.stages.dlq import add_dlq_output
 
@@ -22,31 +23,31 @@ class ScoreTransform:
 
     stage = "score"
 
-    def __init__(self, config: Config, scorer=None, embedder=None, perplexity=None, *, job: str = "live",
-                 stage: str = "score"):
+    def __init__(self, config: Config, scorer: QualityScorer | None = None, embedder: Embedder | None = None,
+                 perplexity: PerplexityModel | None = None, *, job: str = "live", stage: str = "score"):
         self.config = config
         self.stage = stage  # the metrics' and DLQ headers' stage: "score", or "replay" (rescore)
         self.job = job  # `sf-job` of the scored records: "live", or a replay's job id (rescore)
-        self.scorer = scorer  # AskLLMScorer-like: score(texts, batch_size) -> [n] P(yes); model_id
-        self.embedder = embedder  # SentenceEmbedder-like: embed(texts, batch_size) -> [n, dim]; model_id, dim
-        self.perplexity = perplexity  # optional PerplexityScorer-like: score(texts, batch_size) -> [n] mean NLL
+        self.scorer = scorer  # P(yes) of each text (Ask-LLM)
+        self.embedder = embedder  # [n, dim] embeddings of the texts
+        self.perplexity = perplexity  # optional: mean NLL of each text
 
     def load(self) -> None:
         """Load the configured models (unless models were given to the constructor)."""
         if self.scorer is not None and self.embedder is not None:
             return
-        from streamfilter.models import AskLLMScorer, SentenceEmbedder
+        from streamfilter.models.loader import load_model
 
         m = self.config.models
         variant = None if m.variant == "auto" else m.variant
         threads = m.intra_op_threads or None
-        self.scorer = AskLLMScorer.load(m.askllm, max_tokens=m.max_tokens, variant=variant, intra_op_threads=threads)
-        self.embedder = SentenceEmbedder.load(m.embedder, dtype="float16", variant=variant, intra_op_threads=threads)
+        self.scorer = load_model(m.askllm, kind="askllm", max_tokens=m.max_tokens, variant=variant,
+                                 intra_op_threads=threads)
+        self.embedder = load_model(m.embedder, kind="embedder", dtype="float16", variant=variant,
+                                   intra_op_threads=threads)
         if m.perplexity and self.perplexity is None:
-            from streamfilter.models.perplexity import PerplexityScorer
-
-            self.perplexity = PerplexityScorer.load(m.perplexity, max_tokens=m.max_tokens, variant=variant,
-                                                    intra_op_threads=threads)
+            self.perplexity = load_model(m.perplexity, kind="perplexity", max_tokens=m.max_tokens, variant=variant,
+                                         intra_op_threads=threads)
         log.info("score: Ask-LLM %s, embedder %s (dim %d)%s", self.scorer.model_id, self.embedder.model_id,
                  self.embedder.dim, f", perplexity {self.perplexity.model_id}" if self.perplexity else "")
 
@@ -108,7 +109,7 @@ class ScoreTransform:
             if self.perplexity is None:
                 return scores, embeddings, [None] * len(texts)
             t0 = time.perf_counter()
-            nll = self.perplexity.score(texts, batch_size=batch)
+            nll = self.perplexity.mean_nll(texts, batch_size=batch)
             metrics.INFERENCE_SECONDS.labels("perplexity").observe(time.perf_counter() - t0)
             return scores, embeddings, nll.tolist()
         except InvalidDocument:

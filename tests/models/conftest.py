@@ -59,9 +59,9 @@ def causal_models():
 
 @pytest.fixture(scope="session")
 def causal_askllm(causal_models):
-    from streamfilter.models import AskLLMScorer
+    from streamfilter.models import load_model
 
-    return AskLLMScorer.load(causal_models.askllm, variant="fp32")
+    return load_model(causal_models.askllm, kind="askllm", variant="fp32")
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from streamfilter.models import AskLLMScorer
+from streamfilter.errors import UserError
+from streamfilter.models import AskLLMScorer, load_model
 from streamfilter.models.askllm import PROMPT_PREFIX, PROMPT_SUFFIX, make_prompt
 from streamfilter.models.askllm_causal import CausalAskLLMScorer
 from streamfilter.models.manifest import load_manifest
@@ -37,7 +38,9 @@ def test_manifest_records_the_causal_backend_and_load_picks_it(causal_models, ca
     p = load_manifest(causal_models.perplexity)
     assert p.raw["backend"] == "causal" and p.kind == "perplexity"
     with pytest.raises(Exception, match="not an 'askllm' model"):
-        AskLLMScorer.load(causal_models.perplexity)
+        load_model(causal_models.perplexity, kind="askllm")
+    with pytest.raises(UserError, match="holds a 'causal' askllm model"):
+        AskLLMScorer.load(causal_models.askllm)  # one class, one graph: no hidden switch to another class
 
 
 def test_old_manifests_without_backend_are_seq2seq(test_models):
@@ -47,7 +50,7 @@ def test_old_manifests_without_backend_are_seq2seq(test_models):
 
 def test_prompt_ids_equal_the_chat_template(causal_models, chat_tokenizer, sample_texts):
     # A budget that truncates none of them: the 2000-token test BPE needs more tokens than T5's.
-    ours = AskLLMScorer.load(causal_models.askllm, variant="fp32", max_tokens=2048).prompt_ids(sample_texts)
+    ours = CausalAskLLMScorer.load(causal_models.askllm, variant="fp32", max_tokens=2048).prompt_ids(sample_texts)
     theirs = [chat_tokenizer.apply_chat_template([{"role": "user", "content": make_prompt(t)}],
                                                  add_generation_prompt=True, tokenize=True) for t in sample_texts]
     theirs = [t["input_ids"] if isinstance(t, dict) else t for t in theirs]
@@ -99,21 +102,22 @@ def test_truncation_keeps_the_question_and_the_template(causal_askllm):
     assert text.startswith("<|im_start|>system") and text.endswith("- yes\n- no<|im_end|>\n<|im_start|>assistant\n")
     doc_ids = tok.encode(doc, add_special_tokens=False).ids
     assert ids[len(prefix): -len(suffix)] == doc_ids[: causal_askllm.document_budget]
-    small = AskLLMScorer.load(causal_askllm.manifest.root, variant="fp32", max_tokens=len(prefix) + len(suffix) + 3)
+    small = CausalAskLLMScorer.load(causal_askllm.manifest.root, variant="fp32",
+                                    max_tokens=len(prefix) + len(suffix) + 3)
     (short,) = small.prompt_ids([doc])
     assert short[: len(prefix)] == prefix and short[-len(suffix):] == suffix and len(short) == small.max_tokens
 
 
 def test_default_variant_on_cpu_is_fp32_for_causal_askllm_and_int8_for_perplexity(causal_models):
-    assert AskLLMScorer.load(causal_models.askllm).variant == "fp32"  # its int8 measurably mis-ranks
+    assert CausalAskLLMScorer.load(causal_models.askllm).variant == "fp32"  # its int8 measurably mis-ranks
     assert PerplexityScorer.load(causal_models.perplexity).variant == "int8"
-    assert AskLLMScorer.load(causal_models.askllm, variant="int8").variant == "int8"  # pinned: honoured
+    assert CausalAskLLMScorer.load(causal_models.askllm, variant="int8").variant == "int8"  # pinned: honoured
 
 
 def test_int8_variant_ranks_like_fp32(causal_models, causal_askllm, sample_texts):
     from scipy.stats import kendalltau
 
-    int8 = AskLLMScorer.load(causal_models.askllm, variant="int8")
+    int8 = CausalAskLLMScorer.load(causal_models.askllm, variant="int8")
     assert kendalltau(int8.score(sample_texts), causal_askllm.score(sample_texts)).statistic > 0.8
 
 
@@ -131,17 +135,16 @@ def test_side_file_graphs_are_quantized_one_weight_at_a_time_like_onnxruntime(ca
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from streamfilter.errors import UserError
-    from streamfilter.models import graphs
+    from streamfilter.models.graphs import edit, quantize
 
     fp32 = onnx.load(str(causal_models.askllm / "model.onnx"))
-    head = graphs.lm_head_nodes(fp32, load_manifest(causal_models.askllm).config["vocab_size"])
+    head = quantize.lm_head_nodes(fp32, load_manifest(causal_models.askllm).config["vocab_size"])
     weights = {n.input[1] for n in fp32.graph.node if n.op_type == "MatMul" and n.name not in head} & {
         i.name for i in fp32.graph.initializer}
     onnx.save_model(fp32, str(tmp_path / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
                     location="model.onnx_data", size_threshold=64)
-    monkeypatch.setattr(graphs, "EXTERNAL_DATA_THRESHOLD_BYTES", 0)  # what a 7 GB export looks like
-    files = graphs.quantize_int8(tmp_path / "model.onnx", tmp_path / "model.int8.onnx", exclude_nodes=head)
+    monkeypatch.setattr(edit, "EXTERNAL_DATA_THRESHOLD_BYTES", 0)  # what a 7 GB export looks like
+    files = quantize.quantize_int8(tmp_path / "model.onnx", tmp_path / "model.int8.onnx", exclude_nodes=head)
     assert files == ["model.int8.onnx", "model.int8.onnx.data", "model.onnx_data"]  # fp32 rest shared, not copied
 
     q = onnx.load(str(tmp_path / "model.int8.onnx"), load_external_data=False)
@@ -162,13 +165,13 @@ def test_side_file_graphs_are_quantized_one_weight_at_a_time_like_onnxruntime(ca
     elsewhere = tmp_path / "other"
     elsewhere.mkdir()
     with pytest.raises(UserError, match="must be written beside it"):
-        graphs.quantize_int8_streaming(tmp_path / "model.onnx", elsewhere / "model.int8.onnx")
+        quantize.quantize_int8_streaming(tmp_path / "model.onnx", elsewhere / "model.int8.onnx")
 
 
 def test_int8_is_added_to_an_fp32_only_export(causal_models, causal_askllm, sample_texts, tmp_path):
     import shutil
 
-    from streamfilter.models.export_causal import add_int8_variant
+    from streamfilter.models.export import add_int8_variant
     from streamfilter.models.manifest import write_manifest
 
     folder = tmp_path / "askllm"
@@ -179,12 +182,12 @@ def test_int8_is_added_to_an_fp32_only_export(causal_models, causal_askllm, samp
     fields["variants"] = {"fp32": m.variants["fp32"]}
     write_manifest(folder, fields, [f for f in m.files if f != m.variants["int8"]["model"]])
     with pytest.raises(Exception, match="int8"):
-        AskLLMScorer.load(folder, variant="int8")
+        CausalAskLLMScorer.load(folder, variant="int8")
 
     add_int8_variant(folder)
-    int8 = AskLLMScorer.load(folder, variant="int8")
+    int8 = CausalAskLLMScorer.load(folder, variant="int8")
     load_manifest(folder).verify_all()
-    reference = AskLLMScorer.load(causal_models.askllm, variant="int8")
+    reference = CausalAskLLMScorer.load(causal_models.askllm, variant="int8")
     assert np.max(np.abs(int8.score(sample_texts) - reference.score(sample_texts))) <= 1e-6
 
     before = set(p.name for p in folder.iterdir())
@@ -196,15 +199,15 @@ def test_int8_is_added_to_an_fp32_only_export(causal_models, causal_askllm, samp
 def test_causal_int8_keeps_the_down_projections_lm_head_and_embeddings_fp32(causal_models):
     import onnx
 
-    from streamfilter.models import graphs
+    from streamfilter.models.graphs import quantize
 
     m = load_manifest(causal_models.askllm)
     fp32 = onnx.load(str(m.path(m.variants["fp32"]["model"])), load_external_data=False)
-    down = graphs.down_projection_nodes(fp32, m.config["vocab_size"])
+    down = quantize.down_projection_nodes(fp32, m.config["vocab_size"])
     assert len(down) == 2 and all("down_proj" in name for name in down)  # one per layer of the tiny Qwen2
     int8 = onnx.load(str(m.path(m.variants["int8"]["model"])), load_external_data=False)
     ops = {n.name: n.op_type for n in int8.graph.node}
-    assert all(ops[name] == "MatMul" for name in down + graphs.lm_head_nodes(fp32, m.config["vocab_size"]))
+    assert all(ops[name] == "MatMul" for name in down + quantize.lm_head_nodes(fp32, m.config["vocab_size"]))
     assert sum(op == "DynamicQuantizeMatMul" for op in ops.values()) == 2 * 6  # q, k, v, o, gate, up per layer
     assert "down projections" in m.variants["int8"]["note"]
 

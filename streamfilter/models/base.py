@@ -1,0 +1,100 @@
+"""What every ONNX text model here shares: a model folder, its tokenizer, one ORT session, a batched run.
+
+A model is built from an opened folder (`OnnxTextModel.open(manifest, ...)`, or `load(model_dir)`
+for one class, or `loader.load_model(model_dir)` to pick the class from the manifest). Each
+subclass turns texts into token ids and reads the graph's outputs; `run_batched` does the rest:
+length buckets, right padding, and the rows put back in input order.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar, Self, Sequence
+
+import numpy as np
+
+from streamfilter.errors import ConfigError, UserError
+from streamfilter.models.manifest import Manifest, load_manifest
+from streamfilter.models.text import length_buckets, pad_batch
+
+DEFAULT_MAX_TOKENS = 512
+
+
+class OnnxTextModel:
+    """An exported model folder on ONNX Runtime: `(input_ids, attention_mask) -> outputs` per batch.
+
+    Subclasses name the manifest `KIND` they run and, where a kind has several graphs, the
+    `BACKEND` (None: any). Constructor options past the opened parts (`max_tokens`, `dtype`, ...)
+    are the subclass's, passed through `load`, `open` and `loader.load_model`.
+    """
+
+    KIND: ClassVar[str]
+    BACKEND: ClassVar[str | None] = None
+
+    def __init__(self, manifest: Manifest, session, tokenizer, *, variant: str, max_tokens: int):
+        self.manifest = manifest
+        self.session = session
+        self.tokenizer = tokenizer
+        self.variant = variant
+        self.max_tokens = max_tokens
+        self.pad_token_id: int = manifest.config["pad_token_id"]
+        self.model_id = f"{manifest.name}@{manifest.variant_sha256(variant)[:12]}"
+
+    @classmethod
+    def load(cls, model_dir: str | Path, *, variant: str | None = None, providers: Sequence[str] | None = None,
+             intra_op_threads: int | None = None, **options: Any) -> Self:
+        """Load a model folder of this class's kind (and backend), checking every file against its manifest.
+
+        `variant`: "fp32", "int8" (CPU), "fp16" (GPU) where exported, or None for the best the
+        device supports (`runtime.choose_variant`).
+        """
+        return cls.open(load_manifest(model_dir), variant=variant, providers=providers,
+                        intra_op_threads=intra_op_threads, **options)
+
+    @classmethod
+    def open(cls, manifest: Manifest, *, variant: str | None = None, providers: Sequence[str] | None = None,
+             intra_op_threads: int | None = None, **options: Any) -> Self:
+        """The model of an already parsed manifest: checked (`check_manifest`), then its session opened."""
+        from streamfilter.models.runtime import open_model
+
+        cls.check_manifest(manifest)
+        session, tokenizer, variant = open_model(manifest, variant, providers=providers,
+                                                 intra_op_threads=intra_op_threads)
+        return cls(manifest, session, tokenizer, variant=variant, **options)
+
+    @classmethod
+    def check_manifest(cls, manifest: Manifest) -> None:
+        """UserError unless this class runs the folder's graph (before any file is read)."""
+        if manifest.kind != cls.KIND:
+            raise UserError(f"{manifest.root}: holds a {manifest.kind!r} model, not an {cls.KIND!r} model")
+        if cls.BACKEND is not None and manifest.backend != cls.BACKEND:
+            raise UserError(f"{manifest.root}: holds a {manifest.backend!r} {manifest.kind} model, which "
+                            f"{cls.__name__} does not run; load it with streamfilter.models.load_model")
+
+    @property
+    def backend(self) -> str:
+        """The manifest's backend: "seq2seq" (also every folder written before backends existed) or "causal"."""
+        return self.manifest.backend
+
+    @property
+    def provider(self) -> str:
+        return self.session.provider
+
+    def run_batched(self, ids: Sequence[Sequence[int]], batch_size: int,
+                    outputs: Sequence[tuple[tuple[int, ...], Any]]) -> list[np.ndarray]:
+        """The graph's outputs for the token id sequences `ids`, one array per graph output.
+
+        `outputs` gives each output's shape past the batch axis and its dtype: output k is an
+        array [len(ids), *shape_k], row i the graph's row for ids[i]. Batches are cut by length
+        (`text.length_buckets`) and right-padded with `pad_token_id`.
+        """
+        if batch_size < 1:
+            raise ConfigError(f"batch_size: must be >= 1, got {batch_size}")
+        out = [np.empty((len(ids), *shape), dtype=dtype) for shape, dtype in outputs]
+        if not len(ids):
+            return out
+        for batch in length_buckets([len(s) for s in ids], batch_size):
+            input_ids, mask = pad_batch([ids[i] for i in batch], self.pad_token_id)
+            for array, rows in zip(out, self.session.run({"input_ids": input_ids, "attention_mask": mask}), strict=True):
+                array[batch] = rows
+        return out
