@@ -101,7 +101,7 @@ def _daemon_loop(bootstrap: str, raw: str, settings: Sequence[str], on_commit=No
         "batch.max_wait_ms=100", "kafka.max_poll_records=2000", *settings,
     ])
     ensure_topics(config, [config.topics.scored, config.topics.dlq])
-    return TransactionalLoop("score", config, raw, ScoreTransform(config, NoopScorer(), NoopEmbedder()),
+    return TransactionalLoop("score", config, raw, ScoreTransform.from_config(config, scorer=NoopScorer(), embedder=NoopEmbedder()),
                              on_commit=on_commit)
 
 

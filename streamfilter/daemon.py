@@ -95,12 +95,12 @@ def build_stages(config: Config, stages, stopping: threading.Event) -> list:
     handoff = SnapshotHandoff() if "sketch" in stages and "route" in stages else None
     built = []
     if "score" in stages:
-        transform = ScoreTransform(config)
+        transform = ScoreTransform.from_config(config)
         built.append(TransactionalLoop("score", config, config.topics.raw, transform, prepare=transform.load))
     if "sketch" in stages:
         built.append(SketchAggregator(config, handoff=handoff))
     if "route" in stages:
-        route = RouteTransform(config, stopping, handoff=handoff)
+        route = RouteTransform.from_config(config, stopping, handoff=handoff)
         built.append(TransactionalLoop("route", config, config.topics.scored, route, prepare=route.wait_for_snapshot))
     if "sink" in stages:
         from streamfilter.stages.sink import ShardSink

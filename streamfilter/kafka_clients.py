@@ -95,6 +95,16 @@ def new_consumer(config: Config, group: str | None, **overrides):
     return KafkaConsumer(**settings)
 
 
+def close_quietly(consumer) -> None:
+    """Close a consumer that is being replaced (after a broker fault); its own errors do not matter."""
+    if consumer is None:
+        return
+    try:
+        consumer.close()
+    except Exception:  # noqa: BLE001 - the old consumer is discarded either way
+        pass
+
+
 def producer_timeouts(config: Config) -> dict[str, int]:
     """Client timeouts that end inside one transaction (see the module docstring)."""
     txn = config.kafka.transaction_timeout_ms

@@ -154,11 +154,7 @@ def document_from_map(obj: dict) -> Document:
     _check_unicode(text, "text")
     if not text.strip():
         raise InvalidDocument("empty_text", "'text' is empty or whitespace")
-    url = obj.get("url")
-    if url is not None:
-        if not isinstance(url, str):
-            raise InvalidDocument("bad_type", f"'url' must be a string, got {type(url).__name__}")
-        _check_unicode(url, "url")
+    url = _optional_string(obj, "url")
     doc_id = obj.get("id")
     if doc_id is None:
         if not url:
@@ -170,11 +166,7 @@ def document_from_map(obj: dict) -> Document:
     if not doc_id:
         raise InvalidDocument("missing_id", "'id' is empty")
     _check_unicode(doc_id, "id")
-    lang = obj.get("lang")
-    if lang is not None:
-        if not isinstance(lang, str):
-            raise InvalidDocument("bad_type", f"'lang' must be a string, got {type(lang).__name__}")
-        _check_unicode(lang, "lang")
+    lang = _optional_string(obj, "lang")
     meta = obj.get("meta")
     if meta is not None:
         if not isinstance(meta, dict):
@@ -198,6 +190,16 @@ def document_from_map(obj: dict) -> Document:
         elif not math.isfinite(fetched_at):
             raise InvalidDocument("bad_value", f"'fetched_at' must be finite, got {fetched_at!r}")
     return Document(id=doc_id, text=text, url=url, fetched_at=fetched_at, lang=lang, meta=meta)
+
+
+def _optional_string(obj: dict, name: str) -> str | None:
+    """The field `name` if present: a string (bad_type otherwise) of valid Unicode."""
+    value = obj.get(name)
+    if value is not None:
+        if not isinstance(value, str):
+            raise InvalidDocument("bad_type", f"'{name}' must be a string, got {type(value).__name__}")
+        _check_unicode(value, name)
+    return value
 
 
 def _check_unicode(value: str, name: str) -> None:

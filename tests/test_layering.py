@@ -8,14 +8,11 @@ the CLI's start-up path, not a way around the layering). Pure AST: nothing is im
 
 from __future__ import annotations
 
-import ast
-from pathlib import Path
-
 import pytest
+from import_graph import PACKAGE_DIR, find_cycle, graph, imports, modules
 
-PACKAGE = Path(__file__).resolve().parents[1] / "streamfilter"
-
-# (layer, module prefixes); a module belongs to the layer of its longest matching prefix.
+# (layer, module prefixes); a module belongs to the layer of its longest matching prefix (the package
+# itself, `streamfilter`, only by name: it is not a prefix of everything).
 LAYERS = (
     (0, ("streamfilter", "streamfilter.errors")),
     (1, ("streamfilter.records", "streamfilter.corpus", "streamfilter.shards", "streamfilter.policies",
@@ -28,86 +25,16 @@ LAYERS = (
 LAYER_NAMES = {0: "base", 1: "core", 2: "config", 3: "Kafka layer", 4: "stages", 5: "commands"}
 
 
-def modules() -> dict[str, Path]:
-    found = {}
-    for path in PACKAGE.rglob("*.py"):
-        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
-        if parts[-1] == "__init__":
-            parts = parts[:-1]
-        found[".".join(parts)] = path
-    return found
-
-
-def imports(name: str, path: Path, known: set[str]) -> set[str]:
-    """The package's modules that `name` imports, anywhere in its source."""
-    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
-    out = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            out.update(alias.name for alias in node.names if alias.name in known)
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.split(".")[: len(package.split(".")) - node.level + 1]
-                source = ".".join(base + ([node.module] if node.module else []))
-            else:
-                source = node.module or ""
-            for alias in node.names:
-                submodule = f"{source}.{alias.name}"
-                if submodule in known:
-                    out.add(submodule)  # `from streamfilter import metrics` imports the module metrics
-                elif source in known:
-                    out.add(source)
-    out.discard(name)
-    return out
-
-
 def layer_of(module: str) -> int:
     best, layer = -1, None
     for number, prefixes in LAYERS:
         for prefix in prefixes:
-            if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > best:
+            matches = module == prefix or (prefix != "streamfilter" and module.startswith(prefix + "."))
+            if matches and len(prefix) > best:
                 best, layer = len(prefix), number
     if layer is None:
         raise AssertionError(f"{module} is in no layer: add it to LAYERS in {__file__}")
     return layer
-
-
-def graph() -> dict[str, set[str]]:
-    found = modules()
-    return {name: imports(name, path, set(found)) for name, path in found.items()}
-
-
-def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
-    """Strongly connected components with more than one module (Tarjan)."""
-    index, low, stack, on_stack, out = {}, {}, [], set(), []
-    counter = [0]
-
-    def visit(v):
-        index[v] = low[v] = counter[0]
-        counter[0] += 1
-        stack.append(v)
-        on_stack.add(v)
-        for w in edges.get(v, ()):
-            if w not in index:
-                visit(w)
-                low[v] = min(low[v], low[w])
-            elif w in on_stack:
-                low[v] = min(low[v], index[w])
-        if low[v] == index[v]:
-            component = []
-            while True:
-                w = stack.pop()
-                on_stack.discard(w)
-                component.append(w)
-                if w == v:
-                    break
-            if len(component) > 1:
-                out.append(sorted(component))
-
-    for v in sorted(edges):
-        if v not in index:
-            visit(v)
-    return out
 
 
 def test_every_module_has_a_layer():
@@ -116,7 +43,8 @@ def test_every_module_has_a_layer():
 
 
 def test_no_import_cycles():
-    assert cycles(graph()) == []
+    cycle = find_cycle(graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
 def test_no_module_imports_a_layer_above_its_own():
@@ -137,7 +65,7 @@ def test_the_checks_catch_a_cycle_and_an_upward_import(tmp_path):
         path = tmp_path / (name.replace(".", "_") + ".py")
         path.write_text(text)
         edges[name] = imports(name, path, known)
-    assert cycles(edges) == [["streamfilter.density.x", "streamfilter.density.y"]]
+    assert find_cycle(edges) == ["streamfilter.density.x", "streamfilter.density.y", "streamfilter.density.x"]
     assert layer_of("streamfilter.commands") > layer_of("streamfilter.density.x")
     assert "streamfilter.commands" in edges["streamfilter.density.x"]
 
@@ -147,3 +75,12 @@ def test_the_checks_catch_a_cycle_and_an_upward_import(tmp_path):
 def test_core_modules_import_nothing_above_the_core(module):
     found = modules()
     assert {layer_of(t) for t in imports(module, found[module], set(found))} <= {0, 1}
+
+
+def test_the_readme_code_map_names_every_module():
+    """README's "Code map" stays true: a new module (or a renamed one) must be named there."""
+    readme = (PACKAGE_DIR.parent / "README.md").read_text(encoding="utf-8")
+    code_map = readme[readme.index("### Code map"):]
+    missing = sorted(name for name, path in modules().items()
+                     if path.stem not in ("__init__", "__main__") and path.stem not in code_map)
+    assert missing == []

@@ -41,7 +41,7 @@ def test_an_unchanged_newest_snapshot_is_not_read_again(tmp_path):
     config = _config(tmp_path)
     store = SnapshotStore(config.sketch.snapshot_dir)
     store.write(_state(config).snapshot())
-    route = RouteTransform(config)
+    route = RouteTransform.from_config(config)
     route.store = _CountingStore(config.sketch.snapshot_dir)
     _CountingStore.loads = 0
     for _ in range(5):  # the route looks every snapshot_poll_s
@@ -61,7 +61,7 @@ def test_a_handed_over_snapshot_is_adopted_without_reading_its_file(tmp_path):
     sketch.state = _state(config)
     sketch.consumer = None
     sketch._commit_for_lag = lambda offsets: None
-    route = RouteTransform(config, handoff=handoff)
+    route = RouteTransform.from_config(config, handoff=handoff)
     route.store = _CountingStore(config.sketch.snapshot_dir)
     _CountingStore.loads = 0
     sketch.write_snapshot()
@@ -83,7 +83,7 @@ def test_a_snapshot_read_from_disk_is_still_verified(tmp_path):
     raw = bytearray(path.read_bytes())
     raw[len(raw) // 2] ^= 0x01
     path.write_bytes(bytes(raw))
-    route = RouteTransform(config, handoff=SnapshotHandoff())  # a handoff that holds nothing: files are read
+    route = RouteTransform.from_config(config, handoff=SnapshotHandoff())  # a handoff that holds nothing: files are read
     assert route._refresh() and route.prepared.snapshot_id == good.snapshot_id
     assert route.store.corrupt_skipped == 1
     assert route._refresh() and route.store.corrupt_skipped == 1  # the damaged file is not re-hashed every poll

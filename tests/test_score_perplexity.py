@@ -33,10 +33,10 @@ def test_score_stage_adds_perplexity_only_when_configured():
     config = Config()
     askllm, embedder = _Fake("ask@1", lambda t: 0.5), _Fake("emb@1", None)
     ppl = _Fake("ppl@1", lambda t: float(len(t)))
-    with_ppl = ScoreTransform(config, scorer=askllm, embedder=embedder, perplexity=ppl)(_records(["ab", "abcd"]))
+    with_ppl = ScoreTransform.from_config(config, scorer=askllm, embedder=embedder, perplexity=ppl)(_records(["ab", "abcd"]))
     got = [decode_scored(o.value) for o in with_ppl]
     assert [g.perplexity for g in got] == [2.0, 4.0] and {g.perplexity_model for g in got} == {"ppl@1"}
-    without = ScoreTransform(config, scorer=askllm, embedder=embedder)(_records(["ab"]))
+    without = ScoreTransform.from_config(config, scorer=askllm, embedder=embedder)(_records(["ab"]))
     assert decode_scored(without[0].value).perplexity is None
 
 
@@ -48,7 +48,7 @@ def test_score_histogram_and_counters_move_once_per_committed_batch():
         return metrics.REGISTRY.get_sample_value(name, labels or {}) or 0.0
 
     config = Config()
-    stage = ScoreTransform(config, scorer=_Fake("ask@1", lambda t: 0.93), embedder=_Fake("emb@1", None))
+    stage = ScoreTransform.from_config(config, scorer=_Fake("ask@1", lambda t: 0.93), embedder=_Fake("emb@1", None))
     bucket = {"le": "0.95"}
     before = value("streamfilter_askllm_score_count"), value("streamfilter_askllm_score_bucket", bucket)
     scored = {"stage": stage.stage, "outcome": "scored"}

@@ -33,7 +33,7 @@ def _records(texts):
 def test_a_non_finite_model_output_sends_that_document_alone_to_the_dlq():
     config = Config()
     texts = ["a river", "NAN-SCORE here", "a mountain", "INF-EMBEDDING here", "a lake"]
-    outputs = ScoreTransform(config, _Models(), _Models())(_records(texts))
+    outputs = ScoreTransform.from_config(config, scorer=_Models(), embedder=_Models())(_records(texts))
     scored = [decode_scored(o.value).document.id for o in outputs if o.topic == config.topics.scored]
     dlq = [o for o in outputs if o.topic == config.topics.dlq]
     assert scored == ["d0", "d2", "d4"]

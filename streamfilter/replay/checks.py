@@ -89,14 +89,14 @@ def load_snapshot(config: Config, ref: str, dim: int | None, required: bool):
     return snapshot
 
 
-def fixed_route(config: Config, snapshot, job: str = LIVE_JOB):
-    """A `RouteTransform` that decides every record with `snapshot` (stage "replay"); UserError when the
-    policy cannot decide with it."""
+def fixed_route(config: Config, snapshot, job: str = LIVE_JOB, **topics):
+    """A `RouteTransform` that decides every record with `snapshot` (stage "replay"; `topics`: its
+    accepted_topic, rejected_topic and dlq_topic); UserError when the policy cannot decide with it."""
     from streamfilter.policies import PolicyNotReady
     from streamfilter.stages import RouteTransform
 
     try:
-        return RouteTransform(config, fixed=True, snapshot=snapshot, stage="replay", job=job)
+        return RouteTransform.from_config(config, fixed=True, snapshot=snapshot, stage="replay", job=job, **topics)
     except PolicyNotReady as exc:
         raise UserError(f"--snapshot: {exc}") from None
 

@@ -11,7 +11,6 @@ committed offsets (`replay.job`), so running the same job again resumes it.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import signal
 import time
@@ -49,7 +48,7 @@ class ReplayResult:
 class ReplayJob:
     """One replay of a fixed range: its input, range and time window, mode, policy, snapshot, outputs and progress.
 
-    Derives its configurations from `config` (`dataclasses.replace`) and never changes it.
+    Builds its transform from `config` with its own output topics, and never changes `config`.
     """
 
     def __init__(self, config: Config, spec: ReplaySpec):
@@ -78,16 +77,6 @@ class ReplayJob:
         self.snapshot = None  # route: the snapshot every decision uses (None for a policy that needs none)
         self.transform = None
         self.progress = None  # replay.progress.Progress, while and after `run`
-
-    @property
-    def stage_config(self) -> Config:
-        """The configuration the job's transform runs with: its outputs in place of the live stage's."""
-        topics = self.config.topics
-        if self.mode == "route":
-            topics = dataclasses.replace(topics, accepted=self.output, rejected=self.rejected_output, dlq=self.dlq)
-        else:
-            topics = dataclasses.replace(topics, scored=self.output, dlq=self.dlq)
-        return dataclasses.replace(self.config, topics=topics)
 
     def fields(self) -> dict:
         """What identifies the job (its digest): the range, the outputs and the policy or the models."""
@@ -148,7 +137,7 @@ class ReplayJob:
         from streamfilter.replay.checks import first_embedding_dim, load_snapshot
 
         state, spec = self.state, self.spec
-        config = self.stage_config
+        config = self.config
         ref = state.snapshot_id if (self.resumed and state.snapshot_id and spec.snapshot == "latest") else spec.snapshot
         dim = first_embedding_dim(probe, self.input_topic, state.ranges)  # also: the range holds scored records
         snapshot = load_snapshot(config, ref, dim, required=build_policy(config).needs_snapshot)
@@ -166,10 +155,12 @@ class ReplayJob:
         if self.mode == "route":
             from streamfilter.replay.checks import fixed_route
 
-            return fixed_route(self.stage_config, snapshot, self.job_id)
+            return fixed_route(self.config, snapshot, self.job_id, accepted_topic=self.output,
+                               rejected_topic=self.rejected_output, dlq_topic=self.dlq)
         from streamfilter.stages import ScoreTransform
 
-        return ScoreTransform(self.stage_config, job=self.job_id, stage="replay")
+        return ScoreTransform.from_config(self.config, scored_topic=self.output, dlq_topic=self.dlq, job=self.job_id,
+                                          stage="replay")
 
     # ------------------------------------------------------------------------- run
 

@@ -6,17 +6,22 @@ import logging
 import math
 import threading
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from streamfilter import metrics
-from streamfilter.config import Config, build_policy
+from streamfilter.config import Config, OutputConfig, RouteConfig, build_policy
 from streamfilter.errors import InvalidDocument
 from streamfilter.kafka_loop import Output, Outputs
 from streamfilter.records import (
     Provenance, ScoredRecord, carried_headers, decision_json, decode_scored, encode_document,
 )
-from streamfilter.stages.dlq import add_dlq_output
+from streamfilter.stages.dlq import DlqTarget, add_dlq_output
+
+if TYPE_CHECKING:  # the store's module loads the snapshot format: imported when a route is built
+    from streamfilter.density.snapshot_store import SnapshotStore
+    from streamfilter.policies import Policy
 
 log = logging.getLogger("streamfilter.stages")
 
@@ -35,19 +40,21 @@ class RouteTransform:
 
     stage = "route"
 
-    def __init__(self, config: Config, stopping: threading.Event | None = None, *, fixed: bool = False,
-                 snapshot=None, stage: str | None = None, handoff=None, job: str = "live"):
-        from streamfilter.stages.store import open_store
-
-        self.config = config
-        self.policy = build_policy(config)
-        self.store = open_store(config)
+    def __init__(self, policy: Policy, store: SnapshotStore, accepted_topic: str, rejected_topic: str,
+                 dlq: DlqTarget, settings: RouteConfig, output: OutputConfig, stopping: threading.Event | None = None,
+                 *, fixed: bool = False, snapshot=None, stage: str = "route", handoff=None, job: str = "live"):
+        self.policy = policy
+        self.store = store
+        self.accepted_topic = accepted_topic
+        self.rejected_topic = rejected_topic  # "": rejected documents are counted, not written
+        self.dlq = dlq
+        self.settings = settings  # min_snapshot_docs, snapshot_poll_s
+        self.output = output  # the value format and which input headers go on
         self.prepared = None
         self.fixed_snapshot = fixed
         if fixed:
             self.prepared = self.policy.prepare(snapshot)  # PolicyNotReady propagates: the caller checks first
-        if stage is not None:
-            self.stage = stage
+        self.stage = stage
         self.stopping = stopping or threading.Event()
         self.handoff = handoff  # density.snapshot_store.SnapshotHandoff, or None
         p = self.policy
@@ -58,6 +65,16 @@ class RouteTransform:
         self._handoff_seen = 0  # handoff.version when last looked at
         self._handed_over = False  # the last snapshot read came from the handoff, not its file
         metrics.ACCEPT_RATE_TARGET.labels(self.policy.name).set(self.policy.keep_rate)
+
+    @classmethod
+    def from_config(cls, config: Config, stopping: threading.Event | None = None, *, accepted_topic: str | None = None,
+                    rejected_topic: str | None = None, dlq_topic: str | None = None, **options) -> "RouteTransform":
+        """The route of `config` (a replay names its own output topics; `rejected_topic=""` writes none)."""
+        from streamfilter.stages.store import open_store
+
+        return cls(build_policy(config), open_store(config), accepted_topic or config.topics.accepted,
+                   config.topics.rejected if rejected_topic is None else rejected_topic,
+                   DlqTarget.of(config, dlq_topic), config.route, config.output, stopping, **options)
 
     @property
     def needs_snapshot(self) -> bool:
@@ -76,9 +93,9 @@ class RouteTransform:
                 return
             if time.monotonic() - waited_since > 30:
                 log.info("route: waiting for a snapshot with >= %d documents in %s",
-                         self.config.route.min_snapshot_docs, self.config.sketch.snapshot_dir)
+                         self.settings.min_snapshot_docs, self.store.directory)
                 waited_since = time.monotonic()
-            wait_s = min(1.0, self.config.route.snapshot_poll_s)
+            wait_s = min(1.0, self.settings.snapshot_poll_s)
             if self.handoff is not None:
                 self.handoff.wait(self._handoff_seen, wait_s)  # wakes as soon as the aggregator writes one
             else:
@@ -107,7 +124,7 @@ class RouteTransform:
 
         self._checked_at = time.monotonic()
         snapshot = self._newest()
-        if snapshot is None or snapshot.doc_count < self.config.route.min_snapshot_docs:
+        if snapshot is None or snapshot.doc_count < self.settings.min_snapshot_docs:
             return self.prepared is not None
         if self.prepared is not None and self.prepared.snapshot_id == snapshot.snapshot_id:
             return True
@@ -123,7 +140,7 @@ class RouteTransform:
 
     def __call__(self, records: list) -> list[Output]:
         if self.needs_snapshot and not self.fixed_snapshot and (
-                time.monotonic() - self._checked_at >= self.config.route.snapshot_poll_s
+                time.monotonic() - self._checked_at >= self.settings.snapshot_poll_s
                 or (self.handoff is not None and self.handoff.version != self._handoff_seen)):
             self._refresh()
         outputs = Outputs()
@@ -132,7 +149,7 @@ class RouteTransform:
             try:
                 scored.append((record, decode_scored(record.value)))
             except InvalidDocument as exc:
-                add_dlq_output(outputs, self.config, self.stage, exc, record)
+                add_dlq_output(outputs, self.dlq, self.stage, exc, record)
         if scored:
             self.decide(scored, outputs)
         return outputs
@@ -144,22 +161,21 @@ class RouteTransform:
     def decide(self, scored: list[tuple[object, ScoredRecord]], outputs: Outputs) -> None:
         """Append the accepted (and rejected) records to `outputs`; decisions are counted on commit."""
         decisions = self.decisions([s for _, s in scored])
-        topics = self.config.topics
         kept = 0
         rejected = 0
         for (record, s), decision in zip(scored, decisions):
-            topic = topics.accepted if decision.keep else topics.rejected
+            topic = self.accepted_topic if decision.keep else self.rejected_topic
             if topic:
                 try:
-                    value = (decision_json(s, decision, self.provenance) if self.config.output.format == "json"
+                    value = (decision_json(s, decision, self.provenance) if self.output.format == "json"
                              else encode_document(s.document))
                 except Exception as exc:  # noqa: BLE001 - one document's fields, not the batch
-                    add_dlq_output(outputs, self.config, self.stage,
+                    add_dlq_output(outputs, self.dlq, self.stage,
                                    InvalidDocument("unencodable", f"{type(exc).__name__}: {exc}"), record)
                     continue
                 input_headers = getattr(record, "headers", None) or ()
                 headers = [*decision_headers(decision, s), *self._provenance_headers,
-                           *carried_headers(input_headers, self.config.output.input_headers)]
+                           *carried_headers(input_headers, self.output.input_headers)]
                 outputs.append(Output(topic, value, key=s.document.id.encode(), headers=headers))
                 produced_ms = dict(input_headers).get("sf-produced-ms")
                 if produced_ms is not None:  # stamped by the score stage: the raw record's produce time

@@ -8,12 +8,12 @@ import time
 import numpy as np
 
 from streamfilter import metrics
-from streamfilter.config import Config
+from streamfilter.config import Config, ModelsConfig
 from streamfilter.errors import InvalidDocument
 from streamfilter.kafka_loop import Output, Outputs
 from streamfilter.models.scorer import Embedder, PerplexityModel, QualityScorer
 from streamfilter.records import Document, ScoredRecord, carried_headers, decode_raw, encode_scored
-from streamfilter.stages.dlq import add_dlq_output
+from streamfilter.stages.dlq import DlqTarget, add_dlq_output
 
 log = logging.getLogger("streamfilter.stages")
 
@@ -23,14 +23,26 @@ class ScoreTransform:
 
     stage = "score"
 
-    def __init__(self, config: Config, scorer: QualityScorer | None = None, embedder: Embedder | None = None,
-                 perplexity: PerplexityModel | None = None, *, job: str = "live", stage: str = "score"):
-        self.config = config
+    def __init__(self, models: ModelsConfig, scored_topic: str, dlq: DlqTarget, *, max_doc_bytes: int,
+                 input_headers: str = "*", scorer: QualityScorer | None = None, embedder: Embedder | None = None,
+                 perplexity: PerplexityModel | None = None, job: str = "live", stage: str = "score"):
+        self.models = models  # what `load` loads, and the inference batch size
+        self.scored_topic = scored_topic
+        self.dlq = dlq
+        self.max_doc_bytes = max_doc_bytes  # larger raw values are too_large
+        self.input_headers = input_headers  # `output.input_headers`: which input headers go on
         self.stage = stage  # the metrics' and DLQ headers' stage: "score", or "replay" (rescore)
         self.job = job  # `sf-job` of the scored records: "live", or a replay's job id (rescore)
         self.scorer = scorer  # P(yes) of each text (Ask-LLM)
         self.embedder = embedder  # [n, dim] embeddings of the texts
         self.perplexity = perplexity  # optional: mean NLL of each text
+
+    @classmethod
+    def from_config(cls, config: Config, *, scored_topic: str | None = None, dlq_topic: str | None = None,
+                    **options) -> "ScoreTransform":
+        """The score stage of `config` (a rescore replay names its own output and DLQ topics)."""
+        return cls(config.models, scored_topic or config.topics.scored, DlqTarget.of(config, dlq_topic),
+                   max_doc_bytes=config.records.max_doc_bytes, input_headers=config.output.input_headers, **options)
 
     def load(self) -> None:
         """Load the configured models (unless models were given to the constructor)."""
@@ -38,7 +50,7 @@ class ScoreTransform:
             return
         from streamfilter.models.loader import load_model
 
-        m = self.config.models
+        m = self.models
         variant = None if m.variant == "auto" else m.variant
         threads = m.intra_op_threads or None
         self.scorer = load_model(m.askllm, kind="askllm", max_tokens=m.max_tokens, variant=variant,
@@ -56,22 +68,22 @@ class ScoreTransform:
         model raises on the batch: the loop then splits the batch until the document is alone."""
         outputs = Outputs()
         good: list[tuple[object, Document]] = []
-        max_bytes = self.config.records.max_doc_bytes
+        max_bytes = self.max_doc_bytes
         for record in records:
             try:
                 good.append((record, decode_raw(record.value, max_bytes)))
             except InvalidDocument as exc:
-                add_dlq_output(outputs, self.config, self.stage, exc, record)
+                add_dlq_output(outputs, self.dlq, self.stage, exc, record)
         if good:
             scores, embeddings, nlls = self._infer([doc.text for _, doc in good])
             # A model can fail silently on one document (an fp16 overflow): NaN or inf never leaves this stage.
             finite = np.isfinite(np.asarray(scores, dtype=np.float64))
             if np.issubdtype(embeddings.dtype, np.floating):  # anything else fails to encode, record by record
                 finite &= np.isfinite(embeddings).all(axis=1)
-            scored_topic, scored = self.config.topics.scored, 0
+            scored_topic, scored = self.scored_topic, 0
             for (record, doc), score, embedding, nll, ok in zip(good, scores.tolist(), embeddings, nlls, finite):
                 if not ok:
-                    add_dlq_output(outputs, self.config, self.stage,
+                    add_dlq_output(outputs, self.dlq, self.stage,
                                    InvalidDocument("model_error", "the models gave a non-finite score or embedding"),
                                    record)
                     continue
@@ -81,12 +93,12 @@ class ScoreTransform:
                 try:
                     value = encode_scored(record_out)
                 except Exception as exc:  # noqa: BLE001 - one document's fields, not the batch
-                    add_dlq_output(outputs, self.config, self.stage,
+                    add_dlq_output(outputs, self.dlq, self.stage,
                                    InvalidDocument("unencodable", f"{type(exc).__name__}: {exc}"), record)
                     continue
                 outputs.observe(metrics.ASKLLM_SCORE, score)
                 # the input's headers go on, and its produce time: the route measures produce-to-decision from it
-                headers = [*carried_headers(getattr(record, "headers", None), self.config.output.input_headers),
+                headers = [*carried_headers(getattr(record, "headers", None), self.input_headers),
                            ("sf-job", self.job.encode())]
                 produced_ms = getattr(record, "timestamp", None)
                 if produced_ms is not None and produced_ms >= 0:
@@ -98,7 +110,7 @@ class ScoreTransform:
 
     def _infer(self, texts: list[str]):
         """P(yes) [n], embeddings [n, dim] and mean NLLs (or None) [n] of a batch of texts."""
-        batch = self.config.models.inference_batch_docs
+        batch = self.models.inference_batch_docs
         try:
             t0 = time.perf_counter()
             scores = self.scorer.score(texts, batch_size=batch)

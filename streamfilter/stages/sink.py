@@ -37,7 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from streamfilter import metrics
 from streamfilter.config import Config
 from streamfilter.errors import UserError
-from streamfilter.kafka_clients import Backoff, ConsumerWatch, StageHealth, new_consumer
+from streamfilter.kafka_clients import Backoff, ConsumerWatch, StageHealth, close_quietly, new_consumer
 from streamfilter.kafka_loop import _sleep_or_stop, back_off_and_reconnect
 
 log = logging.getLogger("streamfilter.stages")
@@ -171,12 +171,8 @@ class ShardSink:
                  ", ".join(f"p{p}@{o}" for p, o in sorted(self.cursor.items())))
 
     def _reconnect(self) -> None:
-        if self.consumer is not None:
-            try:
-                self.consumer.close()
-            except Exception:  # noqa: BLE001 - the old consumer is discarded either way
-                pass
-            self.consumer = None
+        close_quietly(self.consumer)
+        self.consumer = None
         self.open = {}
         self._connect()
 

@@ -14,7 +14,7 @@ import numpy as np
 from streamfilter import metrics
 from streamfilter.config import Config, build_policy
 from streamfilter.errors import InvalidDocument
-from streamfilter.kafka_clients import Backoff, ConsumerWatch, StageHealth, new_consumer
+from streamfilter.kafka_clients import Backoff, ConsumerWatch, StageHealth, close_quietly, new_consumer
 from streamfilter.kafka_loop import _sleep_or_stop, back_off_and_reconnect
 from streamfilter.records import decode_scored
 
@@ -148,12 +148,8 @@ class SketchAggregator:
         self.health.broker_ok()
 
     def _reconnect(self) -> None:
-        if self.consumer is not None:
-            try:
-                self.consumer.close()
-            except Exception:  # noqa: BLE001 - the old consumer is discarded either way
-                pass
-            self.consumer = None
+        close_quietly(self.consumer)
+        self.consumer = None
         self._connect()
 
     def _poll_and_count(self) -> None:

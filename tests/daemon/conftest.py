@@ -1,7 +1,7 @@
 """Helpers for running the real daemon (`python -m streamfilter run`) against the test broker.
 
-The plain Kafka helpers (producing, reading committed output, the config file) are
-`kafka_helpers`', imported from here too; the `test_models` fixture is `tests/conftest.py`'s.
+The plain Kafka helpers (producing, reading committed output, the config file) are in
+`tests/kafka_helpers.py`, shared with the replay tests; the `test_models` fixture is `tests/conftest.py`'s.
 """
 
 from __future__ import annotations
@@ -17,17 +17,9 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from kafka_helpers import (
-    MAX_RECORD_BYTES, TOPIC_KINDS, OutputCollector, produce, read_committed, stream_config, to_toml, wait_for,
-    write_config,
-)
+from kafka_helpers import MAX_RECORD_BYTES, TOPIC_KINDS, stream_config, write_config
 from streamfilter.broker import free_port
 from streamfilter.corpus import junk_documents, wiki_documents
-
-# What the daemon and deploy tests import from here (kafka_helpers' among them).
-__all__ = ["Daemon", "MALFORMED_KINDS", "OutputCollector", "malformed_values", "produce", "read_committed",
-           "sample_documents", "to_toml", "wait_for"]
-
 
 @dataclass
 class Daemon:

@@ -19,12 +19,11 @@ import msgpack
 import pytest
 from kafka import KafkaConsumer
 
+from kafka_helpers import OutputCollector, produce, read_committed, to_toml, wait_for
 from streamfilter.broker import free_port
 from streamfilter.density.snapshot_store import SnapshotStore
 
-from .conftest import (
-    Daemon, OutputCollector, malformed_values, produce, read_committed, sample_documents, to_toml, wait_for,
-)
+from .conftest import Daemon, malformed_values, sample_documents
 from .test_run import encode
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]

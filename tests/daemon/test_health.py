@@ -19,9 +19,10 @@ import urllib.request
 
 import pytest
 
+from kafka_helpers import produce, wait_for
 from streamfilter.broker import free_port
 
-from .conftest import produce, sample_documents, wait_for
+from .conftest import sample_documents
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 

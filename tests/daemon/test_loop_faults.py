@@ -20,10 +20,10 @@ import pytest
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.structs import TopicPartition
 
+from kafka_helpers import OutputCollector
 from streamfilter.config import load_config
 from streamfilter.kafka_loop import Batch, Output, Outputs, TransactionalLoop
 
-from .conftest import OutputCollector
 
 pytestmark = pytest.mark.kafka
 
@@ -185,7 +185,7 @@ def test_poison_records_go_to_the_dlq_alone_and_the_stage_never_stops(bootstrap,
 
     before = {r: quarantined(r) for r in ("model_error", "unencodable")}
     collector = OutputCollector(bootstrap, [scored, dlq])
-    loop = TransactionalLoop("score", config, raw, ScoreTransform(config, MarkerScorer(), MarkerScorer()))
+    loop = TransactionalLoop("score", config, raw, ScoreTransform.from_config(config, scorer=MarkerScorer(), embedder=MarkerScorer()))
     run_loop_until(loop, lambda: collector.poll(200) >= len(values), timeout_s=120)
     collector.wait_total(len(values), timeout_s=10)
     collector.close()
@@ -243,7 +243,7 @@ def test_a_model_that_fails_on_everything_quarantines_nothing_and_resumes_when_i
         producer.close()
 
     collector = OutputCollector(bootstrap, [scored, dlq])
-    loop = TransactionalLoop("score", config, raw, ScoreTransform(config, model, MarkerScorer()))
+    loop = TransactionalLoop("score", config, raw, ScoreTransform.from_config(config, scorer=model, embedder=MarkerScorer()))
     seen_reason = []
 
     def done() -> bool:
@@ -298,7 +298,7 @@ def test_a_record_the_broker_refuses_is_quarantined_and_its_batch_commits_in_hal
     splits = metrics.BATCH_RETRIES.labels("score", "split")._value.get()
 
     collector = OutputCollector(bootstrap, [scored, dlq])
-    loop = TransactionalLoop("score", config, raw, ScoreTransform(config, MarkerScorer(), MarkerScorer()))
+    loop = TransactionalLoop("score", config, raw, ScoreTransform.from_config(config, scorer=MarkerScorer(), embedder=MarkerScorer()))
     run_loop_until(loop, lambda: collector.poll(200) >= len(values), timeout_s=120)
     collector.wait_total(len(values), timeout_s=10)
     collector.close()

@@ -13,7 +13,8 @@ import urllib.request
 import msgpack
 import pytest
 
-from .conftest import OutputCollector, malformed_values, produce, sample_documents
+from kafka_helpers import OutputCollector, produce
+from .conftest import malformed_values, sample_documents
 
 pytestmark = pytest.mark.kafka
 

@@ -13,9 +13,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from kafka_helpers import OutputCollector, produce
 from streamfilter.records import REASONS
 
-from .conftest import OutputCollector, produce, sample_documents
+from .conftest import sample_documents
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 

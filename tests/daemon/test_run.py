@@ -10,9 +10,10 @@ import time
 import msgpack
 import pytest
 
+from kafka_helpers import OutputCollector, produce, wait_for
 from streamfilter.density.snapshot_store import SnapshotStore
 
-from .conftest import OutputCollector, malformed_values, produce, sample_documents, wait_for
+from .conftest import malformed_values, sample_documents
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 

@@ -21,12 +21,12 @@ import pytest
 from kafka import KafkaProducer
 from kafka.admin import KafkaAdminClient, NewTopic
 
+from kafka_helpers import to_toml, wait_for
 from streamfilter.broker import free_port
 from streamfilter.records import Document, ScoredRecord, encode_document
 from streamfilter.shards import ShardName
 from streamfilter.stages.route import decision_headers
 
-from .conftest import to_toml, wait_for
 
 pytestmark = pytest.mark.kafka
 

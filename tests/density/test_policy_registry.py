@@ -121,7 +121,7 @@ def test_a_policy_that_needs_no_snapshot_routes_without_one(keep_everything, tmp
 
     config = load_config(overrides=["policy.name=keep-everything", f"sketch.snapshot_dir={tmp_path / 'none'}"],
                          env={})
-    route = RouteTransform(config)
+    route = RouteTransform.from_config(config)
     assert not route.needs_snapshot
     route.wait_for_snapshot()  # returns at once: the store is empty and nothing is waited for
     decisions = route.decisions(_scored(5))

@@ -20,10 +20,11 @@ import pytest
 from kafka import KafkaProducer
 from kafka.admin import KafkaAdminClient, NewTopic
 
+from kafka_helpers import produce, to_toml, wait_for
 from streamfilter.broker import free_port
 
 # tests/ is on sys.path (pytest's rootdir-relative packages): the daemon tests' helpers
-from daemon.conftest import Daemon, malformed_values, produce, sample_documents, to_toml, wait_for
+from daemon.conftest import Daemon, malformed_values, sample_documents
 from .conftest import (
     PROMETHEUS_DIR, SCRAPE_INTERVAL_S, Prometheus, as_grafana_sends, dashboard_queries, fast_rules, require,
 )

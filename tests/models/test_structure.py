@@ -3,79 +3,14 @@ picks the class a model folder's manifest names (`kind`, `backend`), each class 
 
 from __future__ import annotations
 
-import ast
-from pathlib import Path
-
 import pytest
+from import_graph import find_cycle, graph
 
-import streamfilter.models
-
-MODELS = Path(streamfilter.models.__file__).resolve().parent
 PACKAGE = "streamfilter.models"
 
 
-def model_modules() -> dict[str, Path]:
-    """{dotted name: file} of every module under streamfilter/models/ (packages by their __init__.py)."""
-    found = {}
-    for path in sorted(MODELS.rglob("*.py")):
-        parts = path.relative_to(MODELS).with_suffix("").parts
-        if parts[-1] == "__init__":
-            parts = parts[:-1]
-        found[".".join((PACKAGE, *parts))] = path
-    return found
-
-
-def imported_modules(name: str, path: Path, known: set[str]) -> set[str]:
-    """The modules of `known` that `name` imports anywhere in its source: at the top, inside functions,
-    under TYPE_CHECKING, and (for a package's lazy `__getattr__`) named as strings."""
-    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
-    out = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
-        if isinstance(node, ast.Import):
-            out.update(alias.name for alias in node.names if alias.name in known)
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.split(".")[: len(package.split(".")) - node.level + 1]
-                source = ".".join(base + ([node.module] if node.module else []))
-            else:
-                source = node.module or ""
-            for alias in node.names:
-                if f"{source}.{alias.name}" in known:
-                    out.add(f"{source}.{alias.name}")  # `from streamfilter.models.graphs import heads`
-                elif source in known:
-                    out.add(source)
-        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in known:
-            out.add(node.value)  # importlib.import_module("streamfilter.models.askllm")
-    out.discard(name)
-    return out
-
-
 def import_graph() -> dict[str, set[str]]:
-    modules = model_modules()
-    return {name: imported_modules(name, path, set(modules)) for name, path in modules.items()}
-
-
-def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
-    """One import cycle as [a, b, ..., a], or None."""
-    state: dict[str, int] = {}  # 1: on the current path, 2: done
-    path: list[str] = []
-
-    def visit(node: str) -> list[str] | None:
-        state[node] = 1
-        path.append(node)
-        for nxt in sorted(edges.get(node, ())):
-            if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
-            if nxt not in state and (found := visit(nxt)):
-                return found
-        path.pop()
-        state[node] = 2
-        return None
-
-    for start in sorted(edges):
-        if start not in state and (found := visit(start)):
-            return found
-    return None
+    return graph(PACKAGE)
 
 
 def test_the_import_walk_sees_function_level_and_lazy_imports():

@@ -53,13 +53,13 @@ def test_building_a_job_and_its_transform_leaves_the_config_unchanged(tmp_path, 
     transform = job.build_transform(snapshot)
 
     assert dataclasses.asdict(config) == before
-    assert transform.stage == "replay" and transform.config is not config
+    assert transform.stage == "replay"
     assert job.config.batch.base_batch_docs == job.config.batch.max_batch_docs == 50
     if mode == "route":
-        assert (transform.config.topics.accepted, transform.config.topics.dlq) == ("out", "out.dlq")
+        assert (transform.accepted_topic, transform.rejected_topic, transform.dlq.topic) == ("out", "", "out.dlq")
         assert transform.provenance.job == "unchanged"
     else:
-        assert (transform.config.topics.scored, transform.config.topics.dlq) == ("out", "out.dlq")
+        assert (transform.scored_topic, transform.dlq.topic) == ("out", "out.dlq")
         assert transform.job == "unchanged" and transform.scorer is None  # the models load when the loop starts
 
 
@@ -116,4 +116,4 @@ def test_preparing_a_job_on_the_broker_leaves_the_config_unchanged(bootstrap, re
 
     assert dataclasses.asdict(config) == before
     assert job.state.total == len(records) and job.state.snapshot_id == job.snapshot.snapshot_id
-    assert job.transform.stage == "replay" and job.transform.config.topics.accepted == topics["accepted"] + ".prepared"
+    assert job.transform.stage == "replay" and job.transform.accepted_topic == topics["accepted"] + ".prepared"
