@@ -42,6 +42,7 @@ everything else (tuple hash, counting, debiasing) is exact integer arithmetic.
 from __future__ import annotations
 
 import math
+from copy import copy as _shallow_copy
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -298,7 +299,16 @@ class RaceSketch:
         self.count = total
 
     def copy(self) -> "RaceSketch":
-        return RaceSketch.from_arrays({k: v.copy() for k, v in self.to_arrays().items()})
+        """An independent sketch with the same counts: the counters are copied; the hash parameters,
+        which nothing modifies after construction, are shared with what is derived from them.
+
+        Copying the parameters and deriving the hash matrix again (~100 MB of array passes at the
+        paper's size) was most of the cost of each snapshot: ~0.4 CPU-s, against ~0.02 s now.
+        """
+        new = _shallow_copy(self)  # no __post_init__: the derived arrays are shared too, only ever read
+        new.counters = self.counters.copy()
+        new._work = None  # scratch buffers are per sketch (one sketch must not hash from two threads)
+        return new
 
     # ---------------------------------------------------------------- serialisation (no pickle)
 

@@ -149,6 +149,16 @@ def test_a_width_far_from_the_data_is_logged(make_clustered, caplog):
         assert ("far from" in caplog.text) is warned
 
 
+def test_random_pair_distance_is_the_median_of_all_pairs_at_once():
+    x = np.random.default_rng(5).standard_normal((300, 24)).astype(np.float32)
+    for pairs, seed in ((20000, 0), (4097, 3), (5, 1)):  # blocks of pairs: full, ragged, fewer than one
+        rng = np.random.default_rng(seed)
+        a = rng.integers(0, 300, size=pairs)
+        b = (a + rng.integers(1, 300, size=pairs)) % 300
+        xd = x.astype(np.float64)
+        assert random_pair_distance(x, pairs=pairs, seed=seed) == float(np.median(np.linalg.norm(xd[a] - xd[b], axis=1)))
+
+
 def test_random_pair_distance_needs_two_points():
     with pytest.raises(ValueError):
         random_pair_distance(np.zeros((1, 4)))

@@ -138,6 +138,21 @@ def test_arrays_round_trip_exactly():
     assert np.array_equal(again.query(x), sketch.query(x))
 
 
+def test_a_copy_counts_apart_and_hashes_the_same():
+    sketch = RaceSketch.create(16, rows=10, buckets=50, k=3, width=0.7, seed=9, leave_one_out=True)
+    sketch.add(unit(30, 16))
+    copied = sketch.copy()
+    assert copied.params_equal(sketch) and copied.count == sketch.count and copied.leave_one_out
+    assert np.array_equal(copied.counters, sketch.counters) and copied.counters is not sketch.counters
+    x = unit(5, 16, seed=3)
+    assert np.array_equal(copied.query(x), sketch.query(x))
+    before = sketch.counters.copy()
+    copied.add(unit(7, 16, seed=4))  # the copy counts on its own; the original is unchanged
+    assert np.array_equal(sketch.counters, before) and sketch.count == 30 and copied.count == 37
+    other = RaceSketch.from_arrays({k: v.copy() for k, v in copied.to_arrays().items()})
+    assert np.array_equal(copied.query(x), other.query(x))  # as if built from its arrays
+
+
 # ------------------------------------------------------------------ hypothesis properties
 
 batches = st.lists(st.integers(min_value=0, max_value=40), min_size=1, max_size=5)

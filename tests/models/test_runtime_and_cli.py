@@ -63,3 +63,10 @@ def test_cli_module_imports_cheaply():
             "print(sorted(m for m in ('onnxruntime', 'torch', 'transformers', 'tokenizers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_sessions_do_not_spin_idle_threads(test_models):
+    # Spinning intra-op threads take the cores the daemon's other threads and the broker need.
+    scorer = AskLLMScorer.load(test_models.askllm, variant="fp32", intra_op_threads=2)
+    options = scorer.session.session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
