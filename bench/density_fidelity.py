@@ -30,6 +30,10 @@ under a square root), and the leave-one-out kernel at several targets.
     python bench/density_fidelity.py --model minilm
     python bench/density_fidelity.py --model mpnet
     python bench/density_fidelity.py --model minilm --only alternatives
+    python bench/density_fidelity.py --model minilm --only rows      # tau against R and B: what tau costs
+
+"rows": the daemon's kernel (calibrated width, leave-one-out) at more rows and buckets, to
+show what Kendall tau is limited by: the rows (LSH sampling noise), not the buckets.
 """
 
 from __future__ import annotations
@@ -258,10 +262,34 @@ def fidelity(x, sigma_scale: float, seed: int = 0) -> None:
         print(f"| {name} | {own} | " + " | ".join(f"{t:.3f}" for t in taus) + f" | {ratio} |")
 
 
+ROW_SWEEP = ((1000, 20000), (1000, 200000), (2000, 20000), (4000, 5000), (4000, 20000), (8000, 20000), (16000, 20000))
+
+
+def rows_sweep(x, sigma_scale: float, seed: int = 0) -> None:
+    """Kendall tau of the daemon's kernel against the Gaussian KDEs at more rows R and buckets B."""
+    rng = np.random.default_rng(seed)
+    xs = x[rng.permutation(len(x))]
+    width = stream_width(xs[:DEFAULT_CALIBRATION_DOCS], DEFAULT_K)
+    exact = lookup_sums(xs, xs, {f"g{s}": gaussian(s * sigma_scale) for s in SIGMAS})
+    print(f"\n| sketch (K=8, w={width}, leave-one-out) | counters (MB, int32) | hashing per document vs R=1000 | "
+          + " | ".join(f"tau vs Gaussian sigma={s * sigma_scale:.2f}" for s in SIGMAS) + " |")
+    print("|---|---|---|" + "---|" * len(SIGMAS))
+    for rows, buckets in ROW_SWEEP:
+        sketch = RaceSketch.create(xs.shape[1], rows=rows, buckets=buckets, k=DEFAULT_K, width=width, seed=seed,
+                                   leave_one_out=True)
+        for i in range(0, len(xs), 2048):
+            sketch.add(xs[i:i + 2048])
+        est = np.concatenate([sketch.query(xs[i:i + 1024]) for i in range(0, len(xs), 1024)])
+        taus = [kendalltau(est, exact[f"g{s}"]).statistic for s in SIGMAS]
+        print(f"| R={rows}, B={buckets} | {rows * buckets * 4 / 1e6:.0f} | {rows / 1000:g}x | "
+              + " | ".join(f"{t:.3f}" for t in taus) + " |")
+        del sketch
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", choices=["minilm", "mpnet"], default="minilm")
-    parser.add_argument("--only", nargs="*", default=["tau", "coverage"], choices=["coverage", "tau", "alternatives", "stability"])
+    parser.add_argument("--only", nargs="*", default=["tau", "coverage"], choices=["coverage", "tau", "alternatives", "stability", "rows"])
     args = parser.parse_args()
     x, topics = wiki_embeddings(model=args.model)
     rand_d = random_pair_distance(x[np.random.default_rng(0).choice(len(x), 2000, replace=False)])
@@ -276,6 +304,8 @@ def main() -> None:
         alternatives(x, topics)
     if "stability" in args.only:
         stability(x)
+    if "rows" in args.only:
+        rows_sweep(x, sigma_scale)
 
 
 if __name__ == "__main__":
