@@ -259,18 +259,13 @@ def _blas_threads(limit: int | None):
     a second BLAS thread for the sketch's hash matmul and the route's query only competes with
     them, and OpenBLAS's idle threads spin. On 2 cores one thread hashes and queries a 128-document
     batch at the paper's size with ~12% less CPU (37 vs 42 ms) in 1.6x the wall time (34 vs 21 ms),
-    which the sketch and the route, beside inference rather than in its way, can afford. Without
-    threadpoolctl (a dependency; a vendored build may lack it) nothing is changed.
+    which the sketch and the route, beside inference rather than in its way, can afford.
     """
     if limit is None:
         yield
         return
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        log.debug("threadpoolctl is not installed: numpy's BLAS threads are left as they are")
-        yield
-        return
+    from threadpoolctl import threadpool_limits
+
     with threadpool_limits(limits=limit, user_api="blas"):
         yield
 

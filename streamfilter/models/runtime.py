@@ -118,9 +118,9 @@ def make_session(
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     # Idle intra-op threads sleep instead of spinning. Spinning burns a core whenever anything else
-    # wants it (the daemon's Kafka clients, sketch and route, the broker, neighbours): on 2 shared
-    # cores it cost 5-10% more CPU per document in `run` for no more throughput, and the bare
-    # scorers lost nothing without it (bench/RESULTS.md, "Throughput and latency").
+    # wants it (the daemon's Kafka clients, sketch and route, the broker, neighbours). On 2 shared
+    # cores `run` spent ~4% less CPU per document with this and the one-thread BLAS together, and
+    # the bare scorers lost nothing without spinning (bench/RESULTS.md, "Throughput and latency").
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3  # ORT's own warnings (e.g. "some nodes were not assigned to CUDA") are noise here
     chosen = resolve_providers(providers)
