@@ -18,8 +18,10 @@ a document's latency is mostly its place in the queue). Also printed: the micro-
 the first scored record being committed to the first decision.
 
 Latency is also reported for the documents produced after the first decision (warm).
-The daemon's CPU is printed per thread (names with `--py-spy`). `--py-spy FILE` records a
-py-spy profile of the daemon (raw collapsed stacks, all threads) while the documents flow;
+The daemon's CPU and wake-ups (voluntary context switches per second) are printed per thread
+(names with `--py-spy`), and the bench process's own CPU while the documents flow (it shares the
+cores it measures). `--py-spy FILE` records a py-spy profile of the daemon (raw collapsed
+stacks, all threads) while the documents flow;
 `--bare-chunks N` also times the bare scorers called on N documents at a time, as the score
 stage calls them per micro-batch; `--sketch-interval-s` sets sketch.snapshot_interval_s.
 
@@ -90,18 +92,22 @@ class RunResult:
     batch_seconds: dict = field(default_factory=dict)  # stage -> mean poll-to-commit seconds per micro-batch
     batch_docs: dict = field(default_factory=dict)  # stage -> mean documents per micro-batch
     snapshots: int = 0
-    thread_cpu_s: dict = field(default_factory=dict)  # thread id -> CPU seconds while the documents flowed
+    thread_cpu_s: dict = field(default_factory=dict)  # thread id -> (CPU seconds, wake-ups/s) while the documents flowed
 
 
-def thread_cpu(pid: int) -> dict[int, float]:
-    """CPU seconds of each thread of a process, by thread id."""
+def thread_cpu(pid: int) -> dict[int, tuple[float, int]]:
+    """(CPU seconds, times it went to sleep) of each thread of a process, by thread id. The second is
+    the thread's voluntary context switches: each is a wake-up later, which costs the inference threads
+    beside it more than its CPU time says (bench/interference.py)."""
     out = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
             fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            status = (task / "status").read_text()
         except OSError:
             continue  # the thread ended meanwhile
-        out[int(task.name)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        sleeps = int(re.search(r"^voluntary_ctxt_switches:\s+(\d+)", status, re.M).group(1))
+        out[int(task.name)] = ((int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), sleeps)
     return out
 
 
@@ -197,6 +203,7 @@ def end_to_end(bootstrap: str, askllm: Path, embedder: Path, texts: list[str], v
             producer.flush()
 
         t0, c0, threads0 = time.perf_counter(), cpu_seconds(proc.pid), thread_cpu(proc.pid)
+        own0 = time.process_time()
         sender = threading.Thread(target=produce)
         sender.start()
         decided_at: dict[bytes, float] = {}
@@ -217,6 +224,8 @@ def end_to_end(bootstrap: str, askllm: Path, embedder: Path, texts: list[str], v
                 raise RuntimeError("the daemon exited; see " + str(workdir / "daemon.log"))
         elapsed = time.perf_counter() - t0
         cpu_per_doc = (cpu_seconds(proc.pid) - c0) / len(texts)
+        print(f"bench process CPU while the documents flowed: {time.process_time() - own0:.2f} s over {elapsed:.1f} s "
+              "(producing the documents, reading the decisions' keys)", flush=True)
         threads1 = thread_cpu(proc.pid)
         sender.join()
         producer.close()
@@ -234,7 +243,8 @@ def end_to_end(bootstrap: str, askllm: Path, embedder: Path, texts: list[str], v
             batch_seconds=histogram_means(text, "streamfilter_batch_seconds"),
             batch_docs=histogram_means(text, "streamfilter_batch_documents"),
             snapshots=int(float(snapshots.group(1))) if snapshots else 0,
-            thread_cpu_s={t: c - threads0.get(t, 0.0) for t, c in threads1.items() if c - threads0.get(t, 0.0) > 0})
+            thread_cpu_s={t: (c - threads0.get(t, (0.0, 0))[0], (w - threads0.get(t, (0.0, 0))[1]) / elapsed)
+                          for t, (c, w) in threads1.items()})
     finally:
         if spy is not None:
             spy.send_signal(2)  # SIGINT: py-spy writes its profile
@@ -327,11 +337,13 @@ def main() -> None:
               f"{chunk_cpu:.3f} CPU s/document (run / this: {res.cpu_per_doc / chunk_cpu:.2f})")
     print(f"peak RSS of `run` (paper sketch R=1000 B=20000): {res.peak_kb / 1024:.0f} MiB")
     names = thread_names(args.py_spy) if args.py_spy and args.py_spy.exists() else {}
-    total = sum(res.thread_cpu_s.values())
-    print("daemon CPU by thread while the documents flowed (threads without a Python name: ONNX Runtime's "
-          "pools and kafka-python's native helpers; names with --py-spy):")
-    for tid, cpu in sorted(res.thread_cpu_s.items(), key=lambda kv: -kv[1])[:12]:
-        print(f"  {cpu:7.1f} s  {cpu / total:5.1%}  {names.get(tid, f'thread {tid}')}")
+    total = sum(cpu for cpu, _ in res.thread_cpu_s.values())
+    wakes = sum(w for _, w in res.thread_cpu_s.values())
+    print("daemon CPU and wake-ups by thread while the documents flowed (threads without a Python name: "
+          f"ONNX Runtime's pools; names with --py-spy); {wakes:.0f} wake-ups/s in all:")
+    busiest = sorted(res.thread_cpu_s.items(), key=lambda kv: (-kv[1][0], -kv[1][1]))
+    for tid, (cpu, wake) in [t for t in busiest if t[1][0] > 0.05 or t[1][1] >= 1][:20]:
+        print(f"  {cpu:7.1f} s  {cpu / total:5.1%}  {wake:6.1f}/s  {names.get(tid, f'thread {tid}')}")
 
 
 if __name__ == "__main__":
