@@ -96,9 +96,9 @@ class RunResult:
 
 
 def thread_cpu(pid: int) -> dict[int, tuple[float, int]]:
-    """(CPU seconds, times it went to sleep) of each thread of a process, by thread id. The second is
-    the thread's voluntary context switches: each is a wake-up later, which costs the inference threads
-    beside it more than its CPU time says (bench/interference.py)."""
+    """(CPU seconds, voluntary context switches) of each thread of a process, by thread id: how much it
+    ran and how often it went to sleep, each sleep a wake-up later. Halving the wake-ups that use almost
+    no CPU did not speed inference up (bench/RESULTS.md); the counts show where the rest comes from."""
     out = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
