@@ -37,6 +37,8 @@ def test_layers_override_in_order(tmp_path):
     ([], {"STREAMFILTER_ROUTE_EMIT_REJECTED": "maybe"}, "route.emit_rejected"),
     ([], {"STREAMFILTER_SKETCH_ROWS": "-3"}, "sketch.rows"),
     (["models.variant=fp8"], {}, "models.variant"),
+    (["models.inference_batch_tokens=-1"], {}, "models.inference_batch_tokens"),
+    ([], {"STREAMFILTER_MODELS_INFERENCE_BATCH_TOKENS": "many"}, "models.inference_batch_tokens"),
     (["justakey"], {}, "justakey"),
 ])
 def test_bad_settings_fail_naming_the_field(overrides, env, field):

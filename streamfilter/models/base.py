@@ -18,6 +18,20 @@ from streamfilter.models.manifest import Manifest, load_manifest
 from streamfilter.models.text import length_buckets, pad_batch
 
 DEFAULT_MAX_TOKENS = 512
+# On CPU an inference batch holds about this many hidden values (padded tokens x the model's width,
+# 4 MiB in fp32) unless the caller says otherwise: past that each token costs more, as the batch's
+# activations leave the cache (bench/RESULTS.md, "Inference batches capped by tokens": flan-t5-small
+# 2048 tokens, sentence-t5-base ~1024-1536 were fastest, both ~15% faster than batches of 32
+# documents of any length).
+CPU_BATCH_VALUES = 2048 * 512
+UNKNOWN_WIDTH = 1024  # a manifest that does not give the width (d_model or dim)
+
+
+def cpu_batch_tokens(manifest: Manifest) -> int:
+    """The default token limit of an inference batch on CPU: `CPU_BATCH_VALUES` over the model's width,
+    rounded down to a multiple of 256 (flan-t5-small 2048, sentence-t5-base 1280)."""
+    width = manifest.config.get("d_model") or manifest.config.get("dim") or UNKNOWN_WIDTH
+    return max(256, CPU_BATCH_VALUES // int(width) // 256 * 256)
 
 
 class OnnxTextModel:
@@ -25,7 +39,8 @@ class OnnxTextModel:
 
     Subclasses name the manifest `KIND` they run and, where a kind has several graphs, the
     `BACKEND` (None: any). Constructor options past the opened parts (`max_tokens`, `dtype`, ...)
-    are the subclass's, passed through `load`, `open` and `loader.load_model`.
+    are the subclass's, passed through `load`, `open` and `loader.load_model`; `batch_tokens` is
+    every model's (see `run_batched`).
     """
 
     KIND: ClassVar[str]
@@ -39,28 +54,39 @@ class OnnxTextModel:
         self.max_tokens = max_tokens
         self.pad_token_id: int = manifest.config["pad_token_id"]
         self.model_id = f"{manifest.name}@{manifest.variant_sha256(variant)[:12]}"
+        # the most padded tokens in one inference batch (0: only batch_size limits a batch)
+        self.batch_tokens: int = cpu_batch_tokens(manifest) if session.device == "cpu" else 0
 
     @classmethod
     def load(cls, model_dir: str | Path, *, variant: str | None = None, providers: Sequence[str] | None = None,
-             intra_op_threads: int | None = None, **options: Any) -> Self:
+             intra_op_threads: int | None = None, batch_tokens: int | None = None, **options: Any) -> Self:
         """Load a model folder of this class's kind (and backend), checking every file against its manifest.
 
         `variant`: "fp32", "int8" (CPU), "fp16" (GPU) where exported, or None for the best the
         device supports (`runtime.choose_variant`).
         """
         return cls.open(load_manifest(model_dir), variant=variant, providers=providers,
-                        intra_op_threads=intra_op_threads, **options)
+                        intra_op_threads=intra_op_threads, batch_tokens=batch_tokens, **options)
 
     @classmethod
     def open(cls, manifest: Manifest, *, variant: str | None = None, providers: Sequence[str] | None = None,
-             intra_op_threads: int | None = None, **options: Any) -> Self:
-        """The model of an already parsed manifest: checked (`check_manifest`), then its session opened."""
+             intra_op_threads: int | None = None, batch_tokens: int | None = None, **options: Any) -> Self:
+        """The model of an already parsed manifest: checked (`check_manifest`), then its session opened.
+
+        `batch_tokens`: the most padded tokens in one inference batch, 0 for no limit past the
+        call's `batch_size`; None for the device's default (`cpu_batch_tokens` on CPU, no limit on a GPU).
+        """
         from streamfilter.models.runtime import open_model
 
+        if batch_tokens is not None and batch_tokens < 0:
+            raise ConfigError(f"batch_tokens: must be >= 0 (0: no limit), got {batch_tokens}")
         cls.check_manifest(manifest)
         session, tokenizer, variant = open_model(manifest, variant, providers=providers,
                                                  intra_op_threads=intra_op_threads)
-        return cls(manifest, session, tokenizer, variant=variant, **options)
+        model = cls(manifest, session, tokenizer, variant=variant, **options)
+        if batch_tokens is not None:
+            model.batch_tokens = batch_tokens
+        return model
 
     @classmethod
     def check_manifest(cls, manifest: Manifest) -> None:
@@ -86,14 +112,15 @@ class OnnxTextModel:
 
         `outputs` gives each output's shape past the batch axis and its dtype: output k is an
         array [len(ids), *shape_k], row i the graph's row for ids[i]. Batches are cut by length
-        (`text.length_buckets`) and right-padded with `pad_token_id`.
+        (`text.length_buckets`: at most `batch_size` documents and `self.batch_tokens` padded
+        tokens) and right-padded with `pad_token_id`.
         """
         if batch_size < 1:
             raise ConfigError(f"batch_size: must be >= 1, got {batch_size}")
         out = [np.empty((len(ids), *shape), dtype=dtype) for shape, dtype in outputs]
         if not len(ids):
             return out
-        for batch in length_buckets([len(s) for s in ids], batch_size):
+        for batch in length_buckets([len(s) for s in ids], batch_size, self.batch_tokens):
             input_ids, mask = pad_batch([ids[i] for i in batch], self.pad_token_id)
             for array, rows in zip(out, self.session.run({"input_ids": input_ids, "attention_mask": mask}), strict=True):
                 array[batch] = rows

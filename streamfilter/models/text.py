@@ -114,20 +114,24 @@ def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, multiple: int = 8) -> 
 BATCH_OVERHEAD_TOKENS = 256
 
 
-def length_buckets(lengths: Sequence[int], batch_size: int,
+def length_buckets(lengths: Sequence[int], batch_size: int, max_tokens: int = 0,
                    overhead_tokens: int = BATCH_OVERHEAD_TOKENS) -> list[list[int]]:
-    """Indices grouped into batches of at most `batch_size`, sorted by length, with the cuts between
-    batches placed where they minimise the padded tokens (each batch costs its size times its longest
-    sequence, plus `overhead_tokens`).
+    """Indices grouped into batches of at most `batch_size` documents and, when `max_tokens` > 0, at
+    most `max_tokens` padded tokens (documents times the longest; a document longer than that is a
+    batch alone), sorted by length, with the cuts between batches placed where they minimise the
+    padded tokens (each batch costs its size times its longest sequence, plus `overhead_tokens`).
 
     Fixed cuts every `batch_size` documents make the batch that straddles a jump in length pad
     everything to the long end: on a web-like mix of short and 512-token documents that was
     ~30% more tokens than the documents hold when called on 128 documents at a time (a score
     micro-batch), ~5% on 800 (bench/RESULTS.md, "Throughput and latency"). An exact dynamic
-    programme over the sorted lengths, O(n * batch_size).
+    programme over the sorted lengths, O(n * batch_size). The token limit is the CPU's: 32
+    documents of 512 tokens cost ~15% more per token than batches of ~2k tokens.
     """
     import numpy as np
 
+    if max_tokens < 0:
+        raise UserError(f"max_tokens: must be >= 0 (0: no limit), got {max_tokens}")
     lengths = np.asarray(lengths, dtype=np.int64).reshape(-1)
     order = np.argsort(lengths, kind="stable")
     n = len(order)
@@ -137,7 +141,8 @@ def length_buckets(lengths: Sequence[int], batch_size: int,
     best = np.zeros(n + 1)  # best[j]: the least cost of batching the j shortest
     cut = np.zeros(n + 1, dtype=np.int64)  # where the last batch of that solution starts
     for j in range(1, n + 1):
-        starts = np.arange(max(0, j - batch_size), j)
+        most = batch_size if max_tokens <= 0 else min(batch_size, max(1, max_tokens // max(1, int(sorted_len[j - 1]))))
+        starts = np.arange(max(0, j - most), j)
         cost = best[starts] + (j - starts) * sorted_len[j - 1] + overhead_tokens
         k = int(np.argmin(cost))  # the first minimum: the largest last batch among equals
         best[j], cut[j] = cost[k], starts[k]

@@ -52,14 +52,12 @@ class ScoreTransform:
 
         m = self.models
         variant = None if m.variant == "auto" else m.variant
-        threads = m.intra_op_threads or None
-        self.scorer = load_model(m.askllm, kind="askllm", max_tokens=m.max_tokens, variant=variant,
-                                 intra_op_threads=threads)
-        self.embedder = load_model(m.embedder, kind="embedder", dtype="float16", variant=variant,
-                                   intra_op_threads=threads)
+        runtime = {"variant": variant, "intra_op_threads": m.intra_op_threads or None,
+                   "batch_tokens": m.inference_batch_tokens or None}
+        self.scorer = load_model(m.askllm, kind="askllm", max_tokens=m.max_tokens, **runtime)
+        self.embedder = load_model(m.embedder, kind="embedder", dtype="float16", **runtime)
         if m.perplexity and self.perplexity is None:
-            self.perplexity = load_model(m.perplexity, kind="perplexity", max_tokens=m.max_tokens, variant=variant,
-                                         intra_op_threads=threads)
+            self.perplexity = load_model(m.perplexity, kind="perplexity", max_tokens=m.max_tokens, **runtime)
         log.info("score: Ask-LLM %s, embedder %s (dim %d)%s", self.scorer.model_id, self.embedder.model_id,
                  self.embedder.dim, f", perplexity {self.perplexity.model_id}" if self.perplexity else "")
 
