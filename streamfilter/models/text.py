@@ -126,7 +126,8 @@ def length_buckets(lengths: Sequence[int], batch_size: int, max_tokens: int = 0,
     ~30% more tokens than the documents hold when called on 128 documents at a time (a score
     micro-batch), ~5% on 800 (bench/RESULTS.md, "Throughput and latency"). An exact dynamic
     programme over the sorted lengths, O(n * batch_size). The token limit is the CPU's: 32
-    documents of 512 tokens cost ~15% more per token than batches of ~2k tokens.
+    long documents cost 20-50% more per token than batches of ~1-2k tokens (bench/RESULTS.md,
+    "Inference batches capped by tokens").
     """
     import numpy as np
 
