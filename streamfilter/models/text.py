@@ -95,7 +95,10 @@ def encode_bounded(tokenizer: Tokenizer, texts: Sequence[str], budget: int) -> l
     return ids
 
 
-def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, multiple: int = 8) -> tuple[np.ndarray, np.ndarray]:
+PAD_MULTIPLE = 8  # a batch's length is rounded up to this
+
+
+def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, multiple: int = PAD_MULTIPLE) -> tuple[np.ndarray, np.ndarray]:
     """int64 input_ids and attention_mask [batch, length], right-padded to a multiple of `multiple`."""
     import numpy as np
 
@@ -117,8 +120,8 @@ BATCH_OVERHEAD_TOKENS = 256
 def length_buckets(lengths: Sequence[int], batch_size: int, max_tokens: int = 0,
                    overhead_tokens: int = BATCH_OVERHEAD_TOKENS) -> list[list[int]]:
     """Indices grouped into batches of at most `batch_size` documents and, when `max_tokens` > 0, at
-    most `max_tokens` padded tokens (documents times the longest; a document longer than that is a
-    batch alone), sorted by length, with the cuts between batches placed where they minimise the
+    most `max_tokens` padded tokens (documents times the longest, rounded up to `PAD_MULTIPLE` as
+    `pad_batch` pads it; a document longer than that is a batch alone), sorted by length, with the cuts between batches placed where they minimise the
     padded tokens (each batch costs its size times its longest sequence, plus `overhead_tokens`).
 
     Fixed cuts every `batch_size` documents make the batch that straddles a jump in length pad
@@ -142,7 +145,8 @@ def length_buckets(lengths: Sequence[int], batch_size: int, max_tokens: int = 0,
     best = np.zeros(n + 1)  # best[j]: the least cost of batching the j shortest
     cut = np.zeros(n + 1, dtype=np.int64)  # where the last batch of that solution starts
     for j in range(1, n + 1):
-        most = batch_size if max_tokens <= 0 else min(batch_size, max(1, max_tokens // max(1, int(sorted_len[j - 1]))))
+        padded = -(-max(1, int(sorted_len[j - 1])) // PAD_MULTIPLE) * PAD_MULTIPLE
+        most = batch_size if max_tokens <= 0 else min(batch_size, max(1, max_tokens // padded))
         starts = np.arange(max(0, j - most), j)
         cost = best[starts] + (j - starts) * sorted_len[j - 1] + overhead_tokens
         k = int(np.argmin(cost))  # the first minimum: the largest last batch among equals

@@ -99,3 +99,13 @@ def test_the_score_stage_loads_its_models_with_the_configured_limit(test_models,
     stage.load()
     for model in (stage.scorer, stage.embedder):
         assert model.batch_tokens == (expected or cpu_batch_tokens(model.manifest))
+
+
+def test_the_token_limit_counts_the_padding_to_a_multiple_of_eight():
+    """Five documents of 409 tokens are 2045 tokens, but 5 x 416 = 2080 once padded: over 2048."""
+    from streamfilter.models.text import pad_batch
+
+    lengths = [409] * 5
+    for batch in length_buckets(lengths, 32, 2048):
+        input_ids, _ = pad_batch([[1] * lengths[i] for i in batch], 0)
+        assert input_ids.size <= 2048
