@@ -19,8 +19,10 @@ the first scored record being committed to the first decision.
 
 Latency is also reported for the documents produced after the first decision (warm).
 The daemon's CPU and wake-ups (voluntary context switches per second) are printed per thread
-(names with `--py-spy`), and the bench process's own CPU while the documents flow (it shares the
-cores it measures). `--py-spy FILE` records a py-spy profile of the daemon (raw collapsed
+(names with `--py-spy`), and the CPU of the bench process and of the broker (found by the
+bootstrap port) while the documents flow: both share the cores being measured. The ratios are
+printed against the better of the two bare runs (the goal's) and against their mean, with how far
+the two bare runs are apart: on a shared machine that is the run's noise floor. `--py-spy FILE` records a py-spy profile of the daemon (raw collapsed
 stacks, all threads) while the documents flow;
 `--bare-chunks N` also times the bare scorers called on N documents at a time, as the score
 stage calls them per micro-batch; `--sketch-interval-s` sets sketch.snapshot_interval_s.
@@ -93,6 +95,18 @@ class RunResult:
     batch_docs: dict = field(default_factory=dict)  # stage -> mean documents per micro-batch
     snapshots: int = 0
     thread_cpu_s: dict = field(default_factory=dict)  # thread id -> (CPU seconds, wake-ups/s) while the documents flowed
+    broker_cpu_s: float = float("nan")  # the broker's CPU seconds while the documents flowed (same cores)
+
+
+def listener_pid(bootstrap: str) -> int | None:
+    """The pid of the local process listening on the bootstrap's port (the broker), or None."""
+    port = bootstrap.rsplit(":", 1)[1]
+    try:
+        out = subprocess.run(["ss", "-ltnpH", f"sport = :{port}"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    found = re.search(r"pid=(\d+)", out)
+    return int(found.group(1)) if found else None
 
 
 def thread_cpu(pid: int) -> dict[int, tuple[float, int]]:
@@ -202,6 +216,8 @@ def end_to_end(bootstrap: str, askllm: Path, embedder: Path, texts: list[str], v
                 producer.send(topics["raw"], key=key, value=msgpack.packb({"id": f"d{i}", "text": text}))
             producer.flush()
 
+        broker_pid = listener_pid(bootstrap)
+        b0 = cpu_seconds(broker_pid) if broker_pid else float("nan")
         t0, c0, threads0 = time.perf_counter(), cpu_seconds(proc.pid), thread_cpu(proc.pid)
         own0 = time.process_time()
         sender = threading.Thread(target=produce)
@@ -224,6 +240,7 @@ def end_to_end(bootstrap: str, askllm: Path, embedder: Path, texts: list[str], v
                 raise RuntimeError("the daemon exited; see " + str(workdir / "daemon.log"))
         elapsed = time.perf_counter() - t0
         cpu_per_doc = (cpu_seconds(proc.pid) - c0) / len(texts)
+        broker_cpu = cpu_seconds(broker_pid) - b0 if broker_pid else float("nan")
         print(f"bench process CPU while the documents flowed: {time.process_time() - own0:.2f} s over {elapsed:.1f} s "
               "(producing the documents, reading the decisions' keys)", flush=True)
         threads1 = thread_cpu(proc.pid)
@@ -235,7 +252,7 @@ def end_to_end(bootstrap: str, askllm: Path, embedder: Path, texts: list[str], v
         text = scrape(port)
         snapshots = re.search(r"^streamfilter_snapshots_written_total (\S+)$", text, re.M)
         return RunResult(
-            docs_per_s=len(texts) / elapsed, cpu_per_doc=cpu_per_doc, peak_kb=peak_kb,
+            docs_per_s=len(texts) / elapsed, cpu_per_doc=cpu_per_doc, peak_kb=peak_kb, broker_cpu_s=broker_cpu,
             latencies_s=np.array([decided_at[k] - sent_at[k] for k in decided_at]),
             steady_latencies_s=np.array([decided_at[k] - sent_at[k] for k in decided_at
                                          if sent_at[k] > min(decided_at.values())] or [np.nan]),
@@ -307,18 +324,26 @@ def main() -> None:
                       "bare_cpu_s_per_doc": [round(bare_cpu, 4), round(bare_cpu2, 4)],
                       "run_cpu_s_per_doc": round(res.cpu_per_doc, 4),
                       "ratio_cpu_run_over_bare": round(res.cpu_per_doc / bare_cpu_best, 3),
+                      "ratio_wall_vs_mean_bare": round(2 * res.docs_per_s / (bare_rate + bare_rate2), 3),
+                      "ratio_cpu_vs_mean_bare": round(2 * res.cpu_per_doc / (bare_cpu + bare_cpu2), 3),
                       "latency_p50_s": round(p50, 2), "latency_p99_s": round(p99, 2),
                       "warm_latency_p50_s": round(s50, 2), "warm_latency_p99_s": round(s99, 2),
                       "warm_documents": int(np.isfinite(res.steady_latencies_s).sum()),
                       "batch_seconds": {k: round(v, 3) for k, v in res.batch_seconds.items()},
                       "batch_docs": {k: round(v, 1) for k, v in res.batch_docs.items()},
                       "first_decision_after_first_scored_s": round(res.first_decision_s, 2),
-                      "snapshots_written": res.snapshots, "peak_rss_mib": round(res.peak_kb / 1024)}))
+                      "snapshots_written": res.snapshots, "peak_rss_mib": round(res.peak_kb / 1024),
+                      "broker_cpu_s": round(res.broker_cpu_s, 2)}))
     print(f"bare scorers (flan-t5-small + sentence-t5-base): {bare_rate:.1f} and {bare_rate2:.1f} docs/s "
           "(before and after the daemon run)")
     print(f"streamfilter run end to end:                     {res.docs_per_s:.1f} docs/s"
           + (f" ({args.rate:g} docs/s offered)" if args.rate > 0 else " (all documents at once)"))
     print(f"ratio run / bare (best bare): {res.docs_per_s / bare_best:.2f} (goal >= 0.9)")
+    # The two bare runs bracket the daemon's; how far apart they are is this run's noise floor.
+    bare_mean, bare_cpu_mean = (bare_rate + bare_rate2) / 2, (bare_cpu + bare_cpu2) / 2
+    print(f"the bare runs differ by {abs(bare_rate - bare_rate2) / min(bare_rate, bare_rate2):.0%} (docs/s) and "
+          f"{abs(bare_cpu - bare_cpu2) / min(bare_cpu, bare_cpu2):.0%} (CPU s/doc); against their mean: ratio "
+          f"{res.docs_per_s / bare_mean:.2f}, CPU {res.cpu_per_doc / bare_cpu_mean:.2f}")
     # On a shared machine wall-clock rates swing with the neighbours' load; CPU time per
     # document does much less: the same ratio from the cost of a document in each setting.
     print(f"CPU s/document: bare {bare_cpu:.3f} and {bare_cpu2:.3f}, run {res.cpu_per_doc:.3f} (the daemon process, "
@@ -335,6 +360,7 @@ def main() -> None:
     if args.bare_chunks:
         print(f"bare scorers called {args.bare_chunks} documents at a time: {chunk_rate:.1f} docs/s, "
               f"{chunk_cpu:.3f} CPU s/document (run / this: {res.cpu_per_doc / chunk_cpu:.2f})")
+    print(f"broker CPU while the documents flowed: {res.broker_cpu_s:.2f} s (the same cores)")
     print(f"peak RSS of `run` (paper sketch R=1000 B=20000): {res.peak_kb / 1024:.0f} MiB")
     names = thread_names(args.py_spy) if args.py_spy and args.py_spy.exists() else {}
     total = sum(cpu for cpu, _ in res.thread_cpu_s.values())
