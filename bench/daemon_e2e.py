@@ -29,7 +29,10 @@ the documents flow;
 stage calls them per micro-batch; `--sketch-interval-s` sets sketch.snapshot_interval_s.
 
     .venv/bin/python bench/daemon_e2e.py [--docs 400] [--variant int8] [--batch 32] [--rate 0]
-        [--bootstrap HOST:PORT] [--py-spy profile.txt] [--bare-chunks 128] [--no-bare]
+        [--bootstrap HOST:PORT] [--py-spy profile.txt] [--bare-chunks 128] [--no-bare] [--repeats 1]
+
+`--repeats N` makes N daemon runs, each followed by a bare run, and prints each run's ratios
+against the two bare runs around it and their medians (the detailed figures are the first run's).
 """
 
 from __future__ import annotations
@@ -285,6 +288,9 @@ def main() -> None:
     parser.add_argument("--no-bare", action="store_true", help="skip the bare scorers (profiling runs)")
     parser.add_argument("--bare-chunks", type=int, default=0,
                         help="also time the bare scorers called on this many documents at a time (a micro-batch)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="daemon runs, each followed by a bare run (the summary gives each run's ratios "
+                             "against the two bare runs around it, and their medians)")
     parser.add_argument("--bootstrap")
     args = parser.parse_args()
     root = REPO / ".cache" / "bench-models"
@@ -307,6 +313,17 @@ def main() -> None:
                              extra=extra)
             if not args.no_bare:
                 bare_rate2, bare_cpu2 = bare(askllm, embedder, texts, args.variant, args.batch, args.threads)
+            # --repeats: more daemon runs, each followed by a bare run, so that every daemon run is
+            # bracketed by two bare runs and its ratios are taken against its own neighbours.
+            bares, repeats = [(bare_rate, bare_cpu), (bare_rate2, bare_cpu2)], [res]
+            for i in range(1, args.repeats):
+                workdir = Path(tmp) / f"repeat{i}"
+                workdir.mkdir()
+                repeats.append(end_to_end(args.bootstrap, askllm, embedder, texts, args.variant, args.batch,
+                                          args.threads, workdir, rate=args.rate, interval_s=args.sketch_interval_s,
+                                          extra=extra))
+                if not args.no_bare:
+                    bares.append(bare(askllm, embedder, texts, args.variant, args.batch, args.threads))
             if args.bare_chunks:
                 chunk_rate, chunk_cpu = bare(askllm, embedder, texts, args.variant, args.batch, args.threads,
                                              chunk=args.bare_chunks)
@@ -362,6 +379,18 @@ def main() -> None:
         print(f"bare scorers called {args.bare_chunks} documents at a time: {chunk_rate:.1f} docs/s, "
               f"{chunk_cpu:.3f} CPU s/document (run / this: {res.cpu_per_doc / chunk_cpu:.2f})")
     print(f"broker CPU while the documents flowed: {res.broker_cpu_s:.2f} s (the same cores)")
+    if len(repeats) > 1 and not args.no_bare:
+        walls, cpus = [], []
+        print(f"{len(repeats)} daemon runs, each against the two bare runs around it (best, mean):")
+        for i, run in enumerate(repeats):
+            (r0, c0), (r1, c1) = bares[i], bares[i + 1]
+            walls.append((run.docs_per_s / max(r0, r1), 2 * run.docs_per_s / (r0 + r1)))
+            cpus.append((run.cpu_per_doc / min(c0, c1), 2 * run.cpu_per_doc / (c0 + c1)))
+            print(f"  run {i + 1}: {run.docs_per_s:.2f} docs/s, {run.cpu_per_doc:.4f} CPU s/doc, broker "
+                  f"{run.broker_cpu_s:.1f} s; bare {r0:.2f} and {r1:.2f} docs/s; wall {walls[-1][0]:.3f}, "
+                  f"{walls[-1][1]:.3f}; CPU {cpus[-1][0]:.3f}, {cpus[-1][1]:.3f}")
+        print("  medians: wall {:.3f}, {:.3f} (goal >= 0.9); CPU {:.3f}, {:.3f} (goal <= 1.1)".format(
+            *np.median(walls, axis=0), *np.median(cpus, axis=0)))
     print(f"peak RSS of `run` (paper sketch R=1000 B=20000): {res.peak_kb / 1024:.0f} MiB")
     names = thread_names(args.py_spy) if args.py_spy and args.py_spy.exists() else {}
     total = sum(cpu for cpu, _ in res.thread_cpu_s.values())
