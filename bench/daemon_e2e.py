@@ -103,14 +103,33 @@ class RunResult:
 
 
 def listener_pid(bootstrap: str) -> int | None:
-    """The pid of the local process listening on the bootstrap's port (the broker), or None."""
-    port = bootstrap.rsplit(":", 1)[1]
+    """The pid of the local process listening on the bootstrap's port (the broker), or None (also
+    for a broker on another host, whose CPU is not taken from these cores)."""
+    host, _, port = bootstrap.rpartition(":")
+    if host.strip("[]") not in ("127.0.0.1", "localhost", "::1", "0.0.0.0"):
+        return None
     try:
         out = subprocess.run(["ss", "-ltnpH", f"sport = :{port}"], capture_output=True, text=True, timeout=10).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     found = re.search(r"pid=(\d+)", out)
     return int(found.group(1)) if found else None
+
+
+def process_cpu(pid: int | None) -> float:
+    """`cpu_seconds(pid)`, or NaN when there is no such process (none found, or it has exited)."""
+    try:
+        return cpu_seconds(pid) if pid else float("nan")
+    except OSError:
+        return float("nan")
+
+
+def bracket_ratios(run: "RunResult", before: tuple[float, float], after: tuple[float, float]) -> dict[str, float]:
+    """A daemon run's ratios to the two bare runs (docs/s, CPU s/doc) around it: against the better
+    of the two (the goal's) and against their mean; NaN where the bare runs were skipped."""
+    (r0, c0), (r1, c1) = before, after
+    return {"wall_best": run.docs_per_s / max(r0, r1), "wall_mean": 2 * run.docs_per_s / (r0 + r1),
+            "cpu_best": run.cpu_per_doc / min(c0, c1), "cpu_mean": 2 * run.cpu_per_doc / (c0 + c1)}
 
 
 def thread_cpu(pid: int) -> dict[int, tuple[float, int]]:
@@ -221,7 +240,7 @@ def end_to_end(bootstrap: str, askllm: Path, embedder: Path, texts: list[str], v
             producer.flush()
 
         broker_pid = listener_pid(bootstrap)
-        b0 = cpu_seconds(broker_pid) if broker_pid else float("nan")
+        b0 = process_cpu(broker_pid)
         t0, c0, threads0 = time.perf_counter(), cpu_seconds(proc.pid), thread_cpu(proc.pid)
         own0 = time.process_time()
         sender = threading.Thread(target=produce)
@@ -244,7 +263,7 @@ def end_to_end(bootstrap: str, askllm: Path, embedder: Path, texts: list[str], v
                 raise RuntimeError("the daemon exited; see " + str(workdir / "daemon.log"))
         elapsed = time.perf_counter() - t0
         cpu_per_doc = (cpu_seconds(proc.pid) - c0) / len(texts)
-        broker_cpu = cpu_seconds(broker_pid) - b0 if broker_pid else float("nan")
+        broker_cpu = process_cpu(broker_pid) - b0
         print(f"bench process CPU while the documents flowed: {time.process_time() - own0:.2f} s over {elapsed:.1f} s "
               "(producing the documents, reading the decisions' keys)", flush=True)
         threads1 = thread_cpu(proc.pid)
@@ -293,6 +312,8 @@ def main() -> None:
                              "against the two bare runs around it, and their medians)")
     parser.add_argument("--bootstrap")
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats: must be >= 1, got {args.repeats}")
     root = REPO / ".cache" / "bench-models"
     _, askllm = build("flan-t5-small", root)
     _, embedder = build("sentence-t5-base", root)
@@ -330,22 +351,20 @@ def main() -> None:
     finally:
         if broker is not None:
             broker.stop()
-    bare_best = max(bare_rate, bare_rate2)
-    bare_cpu_best = min(bare_cpu, bare_cpu2)
     # The two bare runs bracket the daemon's; how far apart they are is this run's noise floor.
-    bare_mean, bare_cpu_mean = (bare_rate + bare_rate2) / 2, (bare_cpu + bare_cpu2) / 2
+    ratios = bracket_ratios(res, bares[0], bares[1])
     p50, p99 = np.percentile(res.latencies_s, [50, 99])
     s50, s99 = np.percentile(res.steady_latencies_s, [50, 99])
     score_batch = res.batch_seconds.get("score", float("nan"))
     print(json.dumps({"docs": args.docs, "variant": args.variant, "batch": args.batch, "threads": args.threads,
                       "rate": args.rate, "snapshot_interval_s": args.sketch_interval_s, "set": args.set,
                       "bare_docs_per_s": [round(bare_rate, 2), round(bare_rate2, 2)],
-                      "run_docs_per_s": round(res.docs_per_s, 2), "ratio_wall": round(res.docs_per_s / bare_best, 3),
+                      "run_docs_per_s": round(res.docs_per_s, 2), "ratio_wall": round(ratios["wall_best"], 3),
                       "bare_cpu_s_per_doc": [round(bare_cpu, 4), round(bare_cpu2, 4)],
                       "run_cpu_s_per_doc": round(res.cpu_per_doc, 4),
-                      "ratio_cpu_run_over_bare": round(res.cpu_per_doc / bare_cpu_best, 3),
-                      "ratio_wall_vs_mean_bare": round(res.docs_per_s / bare_mean, 3),
-                      "ratio_cpu_vs_mean_bare": round(res.cpu_per_doc / bare_cpu_mean, 3),
+                      "ratio_cpu_run_over_bare": round(ratios["cpu_best"], 3),
+                      "ratio_wall_vs_mean_bare": round(ratios["wall_mean"], 3),
+                      "ratio_cpu_vs_mean_bare": round(ratios["cpu_mean"], 3),
                       "latency_p50_s": round(p50, 2), "latency_p99_s": round(p99, 2),
                       "warm_latency_p50_s": round(s50, 2), "warm_latency_p99_s": round(s99, 2),
                       "warm_documents": int(np.isfinite(res.steady_latencies_s).sum()),
@@ -358,14 +377,14 @@ def main() -> None:
           "(before and after the daemon run)")
     print(f"streamfilter run end to end:                     {res.docs_per_s:.1f} docs/s"
           + (f" ({args.rate:g} docs/s offered)" if args.rate > 0 else " (all documents at once)"))
-    print(f"ratio run / bare (best bare): {res.docs_per_s / bare_best:.2f} (goal >= 0.9)")
+    print(f"ratio run / bare (best bare): {ratios['wall_best']:.2f} (goal >= 0.9)")
     print(f"the bare runs differ by {abs(bare_rate - bare_rate2) / min(bare_rate, bare_rate2):.0%} (docs/s) and "
           f"{abs(bare_cpu - bare_cpu2) / min(bare_cpu, bare_cpu2):.0%} (CPU s/doc); against their mean: ratio "
-          f"{res.docs_per_s / bare_mean:.2f}, CPU {res.cpu_per_doc / bare_cpu_mean:.2f}")
+          f"{ratios['wall_mean']:.2f}, CPU {ratios['cpu_mean']:.2f}")
     # On a shared machine wall-clock rates swing with the neighbours' load; CPU time per
     # document does much less: the same ratio from the cost of a document in each setting.
     print(f"CPU s/document: bare {bare_cpu:.3f} and {bare_cpu2:.3f}, run {res.cpu_per_doc:.3f} (the daemon process, "
-          f"not the broker); ratio run / bare: {res.cpu_per_doc / bare_cpu_best:.2f} (goal <= 1.1)")
+          f"not the broker); ratio run / bare: {ratios['cpu_best']:.2f} (goal <= 1.1)")
     print(f"latency produce -> decision committed: p50 {p50:.2f} s, p99 {p99:.2f} s; micro-batch time "
           + ", ".join(f"{k} {v:.2f} s ({res.batch_docs.get(k, 0):.0f} docs)"
                       for k, v in sorted(res.batch_seconds.items()))
@@ -380,17 +399,15 @@ def main() -> None:
               f"{chunk_cpu:.3f} CPU s/document (run / this: {res.cpu_per_doc / chunk_cpu:.2f})")
     print(f"broker CPU while the documents flowed: {res.broker_cpu_s:.2f} s (the same cores)")
     if len(repeats) > 1 and not args.no_bare:
-        walls, cpus = [], []
         print(f"{len(repeats)} daemon runs, each against the two bare runs around it (best, mean):")
-        for i, run in enumerate(repeats):
-            (r0, c0), (r1, c1) = bares[i], bares[i + 1]
-            walls.append((run.docs_per_s / max(r0, r1), 2 * run.docs_per_s / (r0 + r1)))
-            cpus.append((run.cpu_per_doc / min(c0, c1), 2 * run.cpu_per_doc / (c0 + c1)))
+        each = [bracket_ratios(run, bares[i], bares[i + 1]) for i, run in enumerate(repeats)]
+        for i, (run, r) in enumerate(zip(repeats, each)):
             print(f"  run {i + 1}: {run.docs_per_s:.2f} docs/s, {run.cpu_per_doc:.4f} CPU s/doc, broker "
-                  f"{run.broker_cpu_s:.1f} s; bare {r0:.2f} and {r1:.2f} docs/s; wall {walls[-1][0]:.3f}, "
-                  f"{walls[-1][1]:.3f}; CPU {cpus[-1][0]:.3f}, {cpus[-1][1]:.3f}")
-        print("  medians: wall {:.3f}, {:.3f} (goal >= 0.9); CPU {:.3f}, {:.3f} (goal <= 1.1)".format(
-            *np.median(walls, axis=0), *np.median(cpus, axis=0)))
+                  f"{run.broker_cpu_s:.1f} s; bare {bares[i][0]:.2f} and {bares[i + 1][0]:.2f} docs/s; "
+                  f"wall {r['wall_best']:.3f}, {r['wall_mean']:.3f}; CPU {r['cpu_best']:.3f}, {r['cpu_mean']:.3f}")
+        med = {k: float(np.median([r[k] for r in each])) for k in each[0]}
+        print(f"  medians: wall {med['wall_best']:.3f}, {med['wall_mean']:.3f} (goal >= 0.9); "
+              f"CPU {med['cpu_best']:.3f}, {med['cpu_mean']:.3f} (goal <= 1.1)")
     print(f"peak RSS of `run` (paper sketch R=1000 B=20000): {res.peak_kb / 1024:.0f} MiB")
     names = thread_names(args.py_spy) if args.py_spy and args.py_spy.exists() else {}
     total = sum(cpu for cpu, _ in res.thread_cpu_s.values())
