@@ -62,7 +62,15 @@ def variant(config_path: Path, name: str, **sections) -> Path:
 
 
 def describe(records) -> list[str]:
-    return [f"{r.topic}/{r.partition}@{r.offset}" for r in records]
+    """Where each copy is, and the raw record it came from (`sf-source` on routed records,
+    `sf-source-*` on DLQ entries): the same raw offset twice is the daemon's duplicate, two raw
+    offsets are two input records."""
+    described = []
+    for r in records:
+        h = {k: v.decode(errors="replace") for k, v in (r.headers or [])}
+        source = h.get("sf-source") or "/".join(h.get(f"sf-source-{k}", "?") for k in ("topic", "partition", "offset"))
+        described.append(f"{r.topic}/{r.partition}@{r.offset} from {source.rsplit('.', 1)[-1]}")
+    return described
 
 
 def check_exactly_once(collector: OutputCollector, topics: dict, docs: list[dict], bad: list[bytes],
@@ -75,9 +83,10 @@ def check_exactly_once(collector: OutputCollector, topics: dict, docs: list[dict
     duplicates = {i: describe(rs) for i, rs in by_id.items() if len(rs) > 1}
     missing = sorted({d["id"] for d in docs} - set(by_id))
     unexpected = sorted(set(by_id) - {d["id"] for d in docs})
-    dlq = collections.Counter(r.value for r in collector.records[topics["dlq"]])
+    dlq_records = collector.records[topics["dlq"]]
+    dlq = collections.Counter(r.value for r in dlq_records)
     expected_dlq = collections.Counter(bad)
-    dlq_dupes = {v[:40]: n for v, n in dlq.items() if n > 1}
+    dlq_dupes = {v[:40]: describe([r for r in dlq_records if r.value == v]) for v, n in dlq.items() if n > 1}
     dlq_missing = [v[:40] for v in expected_dlq - dlq]
     dlq_extra = [v[:40] for v in dlq - expected_dlq]
     problems = []
