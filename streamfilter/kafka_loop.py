@@ -32,7 +32,10 @@ Failure model:
   offsets) and reads again.
 - **Rebalances**: on revoke the generation changes; in-flight batches of the old generation are
   dropped unproduced, never committed twice; the broker also fences a stale generation's offset
-  commit (KIP-447), so a batch that slipped through aborts instead of duplicating.
+  commit (KIP-447), so a batch that slipped through aborts instead of duplicating. The broker
+  cannot fence a batch stamped after the member learned it is out of the group (an expired
+  session, a poll timeout) and before it rejoined: kafka-python reports no generation then, which
+  the broker takes for a pre-KIP-447 client. Such a batch is dropped like a rebalance's.
 - **Kill -9 anywhere** leaves an open transaction that the restarted process (same
   transactional id) aborts in init_transactions, or that the broker times out.
 - **Stalls**: a consumer that stops fetching while records are readable is recreated
@@ -480,6 +483,14 @@ class TransactionalLoop:
             metrics.BATCHES_DROPPED.labels(self.stage, "rebalance").inc()
             log.info("%s: dropping a batch of %d read before a rebalance", self.stage, len(batch.records))
             return True  # nothing to retry: the new owner reads these offsets again
+        if self._out_of_group(batch):
+            # The broker could not fence this commit: drop it, like a rebalance, and read again once rejoined.
+            metrics.BATCHES_DROPPED.labels(self.stage, "rebalance").inc()
+            log.warning("%s: dropping a batch of %d read by a member that has left the group; it rejoins and "
+                        "reads again from the committed offsets", self.stage, len(batch.records))
+            self.generation += 1
+            self.rewind_needed = True
+            return True
         try:
             self._produce(batch, outputs)
         except Exception as exc:  # noqa: BLE001 - every failure aborts the batch and replaces the producer
@@ -502,6 +513,15 @@ class TransactionalLoop:
         if self.on_commit is not None:
             self.on_commit(batch, outputs)
         return True
+
+    def _out_of_group(self, batch: Batch) -> bool:
+        """Whether a group member's batch was stamped after the member fell out of the group. kafka-python
+        then reports generation -1 and no member id until it rejoins, and the broker takes a
+        TxnOffsetCommit carrying those as one from a client older than KIP-447, without fencing it,
+        while the partitions' new owner reads the same records again. (A bounded run is assigned its
+        partitions, never a member: it always commits so.)"""
+        meta = batch.group_metadata
+        return self.bounds is None and (meta is None or meta.generation_id < 0 or not meta.member_id)
 
     def _produce(self, batch: Batch, outputs: list[Output]) -> None:
         from kafka.errors import IllegalStateError, KafkaConnectionError

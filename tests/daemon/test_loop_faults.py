@@ -20,7 +20,7 @@ import pytest
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.structs import TopicPartition
 
-from kafka_helpers import OutputCollector
+from kafka_helpers import OutputCollector, wait_for
 from streamfilter.config import load_config
 from streamfilter.kafka_loop import Batch, Output, Outputs, TransactionalLoop
 
@@ -102,6 +102,61 @@ def test_offsets_of_an_aborted_batch_never_ride_along_with_the_next_commit(boots
         assert sorted(read_all(bootstrap, dst)) == sorted(r.value for r in second)
     finally:
         loop._close()
+
+
+def poll_batches(loop: TransactionalLoop, n: int, timeout_s: float = 30) -> list[Batch]:
+    """The loop's own batches (stamped as `_poll_records` stamps them) until they hold `n` records."""
+    batches, deadline = [], time.monotonic() + timeout_s
+    while sum(len(b.records) for b in batches) < n and time.monotonic() < deadline:
+        batch = loop._poll_batch()
+        if batch.records:
+            batches.append(batch)
+    assert sum(len(b.records) for b in batches) == n
+    return batches
+
+
+def test_a_batch_of_a_member_that_has_left_the_group_is_never_committed(bootstrap, names, create_topics,
+                                                                        monkeypatch):
+    """Seen in CI (two scorers, the broker SIGKILLed and restarted): 80 documents scored twice. Once
+    kafka-python learns that its member is out of the group (a heartbeat answered UNKNOWN_MEMBER_ID
+    after the session expired; a poll timeout, after which it leaves), it reports generation -1 and
+    no member id until it rejoins, and the broker takes a TxnOffsetCommit carrying those as one from
+    a client older than KIP-447: unfenced. A batch stamped so was committed although the partition's
+    new owner had read the same records again."""
+    from streamfilter import kafka_loop
+
+    src, dst = names.topic("src"), names.topic("dst")
+    create_topics({src: 1, dst: 1})
+    fill(bootstrap, src, {0: 10})
+    config = loop_config(bootstrap, names)
+    left = TransactionalLoop("score", config, src, copy_transform(dst), transactional_id=f"{names.prefix}.left")
+    owner = TransactionalLoop("score", config, src, copy_transform(dst), transactional_id=f"{names.prefix}.owner")
+    real_consumer = kafka_loop.new_consumer
+    try:
+        left._make_producer()
+        # a real member that leaves the group after 3 s without a poll (kafka-python's poll timeout)
+        monkeypatch.setattr(kafka_loop, "new_consumer",
+                            lambda config, group, **kw: real_consumer(config, group, max_poll_interval_ms=3000, **kw))
+        left._make_consumer()
+        monkeypatch.setattr(kafka_loop, "new_consumer", real_consumer)
+        records = [r for b in poll_batches(left, 10) for r in b.records]
+        wait_for(lambda: left.consumer.group_metadata().generation_id < 0, 30, 0.2, "the member to leave the group")
+
+        # the partition's new owner reads the records again and commits them
+        owner._make_producer()
+        owner._make_consumer()
+        for batch in poll_batches(owner, 10):
+            assert owner._commit(batch, copy_transform(dst)(batch.records))
+
+        # the member that left: its records, stamped with its group membership as it reports it now
+        late = Batch(records, left.generation, left.consumer.group_metadata())
+        left._commit(late, copy_transform(dst)(records))
+        assert sorted(read_all(bootstrap, dst)) == sorted(r.value for r in records), "a batch was committed twice"
+        assert owner.consumer.committed(TopicPartition(src, 0)) == 10
+        assert left.rewind_needed, "the records it dropped must be read again if it is handed the partition back"
+    finally:
+        left._close()
+        owner._close()
 
 
 class MarkerScorer:
