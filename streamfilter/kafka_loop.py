@@ -401,6 +401,8 @@ class TransactionalLoop:
             return Batch([], self.generation, None)
 
     def _poll_records(self) -> Batch:
+        if self.consumer is None:  # its replacement failed to start: raises until the broker answers
+            self._make_consumer()
         consumer = self.consumer
         records: list = []
         generation = self.generation
@@ -447,17 +449,18 @@ class TransactionalLoop:
 
     def _recreate_consumer(self) -> None:
         """A stalled consumer is replaced; that counts as a rebalance: in-flight batches are dropped
-        and everything uncommitted is read again, so nothing is lost or duplicated."""
+        and everything uncommitted is read again, so nothing is lost or duplicated. Should the new
+        one fail to start (the broker away), the next poll makes it."""
         metrics.RETRIES.labels(self.stage).inc()
         self.generation += 1
+        self.rewind_needed = True
+        self.watch.reset()
+        old, self.consumer = self.consumer, None
         try:
-            self.consumer.close(autocommit=False)
+            old.close(autocommit=False)
         except Exception:  # noqa: BLE001 - replaced either way
             pass
-        self.consumer = None
         self._make_consumer()
-        self.watch.reset()
-        self.rewind_needed = True
 
     def _rewind(self) -> None:
         for tp in self.consumer.assignment():

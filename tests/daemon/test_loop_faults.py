@@ -159,6 +159,35 @@ def test_a_batch_of_a_member_that_has_left_the_group_is_never_committed(bootstra
         owner._close()
 
 
+def test_a_consumer_that_cannot_be_recreated_while_the_broker_is_away_is_made_again_later(own_broker, names):
+    """Seen in the scaled-out chaos test: the route's stall watch replaced its consumer at the moment
+    the broker was SIGKILLed; making the new one failed, the loop was left with none, and every
+    poll after the broker came back failed on it ('NoneType' object has no attribute 'assignment'):
+    the route never read again."""
+    from kafka.admin import KafkaAdminClient, NewTopic
+
+    bootstrap = own_broker.bootstrap
+    src, dst = names.topic("src"), names.topic("dst")
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    admin.create_topics([NewTopic(src, 1, 1), NewTopic(dst, 1, 1)])
+    admin.close()
+    fill(bootstrap, src, {0: 20})
+    loop = TransactionalLoop("route", loop_config(bootstrap, names), src, copy_transform(dst))
+    try:
+        loop._make_producer()
+        loop._make_consumer()
+        own_broker.stop()
+        with pytest.raises(Exception):
+            loop._recreate_consumer()  # what the stall watch does; the broker is away
+        own_broker.start()
+        batches = poll_batches(loop, 20, timeout_s=60)
+        for batch in batches:
+            assert loop._commit(batch, copy_transform(dst)(batch.records))
+        assert sorted(read_all(bootstrap, dst)) == sorted(f"p0-{i}".encode() for i in range(20))
+    finally:
+        loop._close()
+
+
 class MarkerScorer:
     """A real-shaped scorer pair whose model raises on one marker text, as a tokenizer or runtime would."""
 
