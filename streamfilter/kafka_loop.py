@@ -30,12 +30,15 @@ Failure model:
   send them with the next transaction (a lost batch, or a partition moved backwards). Every batch
   still in flight is dropped, the consumer rewinds to the committed offsets (fetched as stable
   offsets) and reads again.
-- **Rebalances**: on revoke the generation changes; in-flight batches of the old generation are
-  dropped unproduced, never committed twice; the broker also fences a stale generation's offset
-  commit (KIP-447), so a batch that slipped through aborts instead of duplicating. The broker
-  cannot fence a batch stamped after the member learned it is out of the group (an expired
-  session, a poll timeout) and before it rejoined: kafka-python reports no generation then, which
-  the broker takes for a pre-KIP-447 client. Such a batch is dropped like a rebalance's.
+- **Rebalances**: on revoke and again on assignment the generation changes; in-flight batches of
+  the old generation are dropped unproduced, never committed twice, and every assigned partition
+  is read again from its committed offset (kafka-python keeps the position of a partition that is
+  assigned again, which another member may have committed past in a generation this one missed);
+  the broker also fences a stale generation's offset commit (KIP-447), so a batch that slipped
+  through aborts instead of duplicating. The broker cannot fence a batch stamped after the member
+  learned it is out of the group (an expired session, a poll timeout) and before it rejoined:
+  kafka-python reports no generation then, which the broker takes for a pre-KIP-447 client. Such
+  a batch is dropped like a rebalance's.
 - **Kill -9 anywhere** leaves an open transaction that the restarted process (same
   transactional id) aborts in init_transactions, or that the broker times out.
 - **Stalls**: a consumer that stops fetching while records are readable is recreated
@@ -508,6 +511,11 @@ class TransactionalLoop:
                         self.stage, len(batch.records), type(exc).__name__, exc)
             return False
         metrics.TRANSACTIONS.labels(self.stage, "commit").inc()
+        if log.isEnabledFor(logging.DEBUG):
+            meta = batch.group_metadata
+            log.debug("%s: committed %d records, %s (generation %s, member %s)", self.stage, len(batch.records),
+                      ", ".join(f"{tp.topic}[{tp.partition}] to {o.offset}" for tp, o in batch.next_offsets().items()),
+                      getattr(meta, "generation_id", None), getattr(meta, "member_id", None) or "none")
         if isinstance(outputs, Outputs):
             outputs.apply()
         self.health.broker_ok()
@@ -631,10 +639,21 @@ class TransactionalLoop:
             def on_partitions_revoked(self, revoked):
                 loop_self.generation += 1  # in-flight batches of the old generation are dropped
                 forget_lag(loop_self.stage, revoked)
+                if revoked:
+                    log.info("%s: revoked %s (%s)", loop_self.stage, _partitions(revoked), loop_self._membership())
+
+            def on_partitions_lost(self, lost):
+                log.warning("%s: lost %s: this member is out of the group (session expired or poll timeout); "
+                            "in-flight batches are dropped", loop_self.stage, _partitions(lost))
+                self.on_partitions_revoked(lost)
 
             def on_partitions_assigned(self, assigned):
-                log.info("%s: assigned %s", loop_self.stage,
-                         ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(assigned)) or "nothing")
+                # kafka-python keeps the position of a partition that comes back in an eager rebalance;
+                # another member may have committed past it in a generation this one missed. So a new
+                # assignment is a new generation too: the loop rewinds to the committed offsets.
+                loop_self.generation += 1
+                log.info("%s: assigned %s (%s)", loop_self.stage, _partitions(assigned) or "nothing",
+                         loop_self._membership())
 
         if self.consumer is None and self.bounds is not None:
             # A bounded run owns its group alone: assigned, not subscribed, so a restart after a
@@ -655,6 +674,14 @@ class TransactionalLoop:
             self.consumer = consumer
             self.consumer.subscribe([self.input_topic], listener=Listener())
 
+    def _membership(self) -> str:
+        """The consumer's group generation and member id, for log lines."""
+        try:
+            meta = self.consumer.group_metadata()
+            return f"generation {meta.generation_id}, member {meta.member_id or 'none'}"
+        except Exception:  # noqa: BLE001 - a log line's detail
+            return "generation unknown"
+
     def _close(self) -> None:
         self.health.not_ready("stopped")
         if self.consumer is not None:
@@ -669,6 +696,10 @@ class TransactionalLoop:
                 pass
         for pool in (self._consumer_thread, self._producer_thread, self._work_thread):
             pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _partitions(tps) -> str:
+    return ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(tps))
 
 
 async def back_off_and_reconnect(stage: str, executor, reconnect: Callable[[], None], backoff: Backoff,

@@ -42,10 +42,11 @@ def copy_transform(output_topic: str):
     return transform
 
 
-def fill(bootstrap: str, topic: str, per_partition: dict[int, int]) -> None:
+def fill(bootstrap: str, topic: str, per_partition: dict[int, int], start: int = 0) -> None:
+    """Values p{partition}-{i} for i from `start`, n per partition."""
     producer = KafkaProducer(bootstrap_servers=bootstrap)
     for partition, n in per_partition.items():
-        for i in range(n):
+        for i in range(start, start + n):
             producer.send(topic, value=f"p{partition}-{i}".encode(), partition=partition)
     producer.flush()
     producer.close()
@@ -185,6 +186,84 @@ def test_a_consumer_that_cannot_be_recreated_while_the_broker_is_away_is_made_ag
             assert loop._commit(batch, copy_transform(dst)(batch.records))
         assert sorted(read_all(bootstrap, dst)) == sorted(f"p0-{i}".encode() for i in range(20))
     finally:
+        loop._close()
+
+
+def test_partitions_handed_back_are_read_from_the_committed_offsets(bootstrap, names, create_topics):
+    """Seen in the scaled-out chaos test: a scorer revoked its partitions, missed the generation
+    that gave them to the other scorer, and was handed them back one generation later. kafka-python
+    keeps a partition's position across an eager rebalance when the partition comes back, and the
+    loop had rewound when the partitions were revoked, before the other scorer committed: it read
+    that scorer's batch again. Here the rebalance spans two of the loop's polls, and the other
+    owner's commit lands between them, as the partition is handed back (a transaction carrying no
+    group generation, which the broker takes unfenced, stands in for its commit)."""
+    from kafka.structs import ConsumerGroupMetadata, OffsetAndMetadata
+
+    src, dst = names.topic("src"), names.topic("dst")
+    create_topics({src: 1, dst: 1})
+    fill(bootstrap, src, {0: 10})
+    tp = TopicPartition(src, 0)
+    loop = TransactionalLoop("score", loop_config(bootstrap, names), src, copy_transform(dst),
+                             transactional_id=f"{names.prefix}.loop")
+
+    def other_owner_commits() -> None:  # copies 10..14 and commits offset 15
+        producer = KafkaProducer(bootstrap_servers=bootstrap, transactional_id=f"{names.prefix}.other")
+        producer.init_transactions()
+        producer.begin_transaction()
+        for i in range(10, 15):
+            producer.send(dst, value=f"p0-{i}".encode())
+        producer.send_offsets_to_transaction({tp: OffsetAndMetadata(15, "", -1)},
+                                             ConsumerGroupMetadata(loop.group, -1, "", None))
+        producer.commit_transaction()
+        producer.close()
+
+    stop = threading.Event()
+
+    def foreign() -> None:  # joins (a rebalance; sorted after the loop, it is given nothing) and stays
+        consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=loop.group, client_id="zz-foreign",
+                                 enable_auto_commit=False, session_timeout_ms=3000, heartbeat_interval_ms=500)
+        consumer.subscribe([src])
+        while not stop.is_set():
+            consumer.poll(timeout_ms=200)
+        consumer.close(autocommit=False)
+
+    thread = threading.Thread(target=foreign, daemon=True)
+    try:
+        loop._make_producer()
+        loop._make_consumer()
+        for batch in poll_batches(loop, 10):
+            assert loop._commit(batch, copy_transform(dst)(batch.records))
+        # The rebalance spans polls, as a slow join does: the loop's poll that revokes returns before
+        # the partition is handed back, and the other owner's commit comes in between.
+        listener = loop.consumer._subscription.rebalance_listener
+        revoked, assigned = listener.on_partitions_revoked, listener.on_partitions_assigned
+        handed_back = []
+
+        def on_partitions_revoked(partitions):
+            revoked(partitions)
+            time.sleep(1.0)  # longer than the loop's poll: the join completes in a later one
+
+        def on_partitions_assigned(partitions):
+            if not handed_back:
+                handed_back.append(set(partitions))
+                fill(bootstrap, src, {0: 10}, start=10)
+                other_owner_commits()
+            assigned(partitions)
+
+        listener.on_partitions_revoked = on_partitions_revoked
+        listener.on_partitions_assigned = on_partitions_assigned
+        thread.start()
+        deadline = time.monotonic() + 60
+        while len(read_all(bootstrap, dst, quiet_s=0.5)) < 20 and time.monotonic() < deadline:
+            batch = loop._poll_batch()
+            if batch.records:
+                assert loop._commit(batch, copy_transform(dst)(batch.records))
+        assert handed_back == [{tp}]
+        assert sorted(read_all(bootstrap, dst)) == sorted(f"p0-{i}".encode() for i in range(20)), (
+            "records another owner committed were read again")
+    finally:
+        stop.set()
+        thread.join(10)
         loop._close()
 
 
