@@ -118,8 +118,8 @@ def poll_batches(loop: TransactionalLoop, n: int, timeout_s: float = 30) -> list
 
 def test_a_batch_of_a_member_that_has_left_the_group_is_never_committed(bootstrap, names, create_topics,
                                                                         monkeypatch):
-    """Seen in CI (two scorers, the broker SIGKILLed and restarted): 80 documents scored twice. Once
-    kafka-python learns that its member is out of the group (a heartbeat answered UNKNOWN_MEMBER_ID
+    """Seen in CI (two scorers, the broker SIGKILLed and restarted): 80 raw records scored twice.
+    Once kafka-python learns that its member is out of the group (a heartbeat answered UNKNOWN_MEMBER_ID
     after the session expired; a poll timeout, after which it leaves), it reports generation -1 and
     no member id until it rejoins, and the broker takes a TxnOffsetCommit carrying those as one from
     a client older than KIP-447: unfenced. A batch stamped so was committed although the partition's
