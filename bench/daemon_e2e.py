@@ -100,6 +100,7 @@ class RunResult:
     snapshots: int = 0
     thread_cpu_s: dict = field(default_factory=dict)  # thread id -> (CPU seconds, wake-ups/s) while the documents flowed
     broker_cpu_s: float = float("nan")  # the broker's CPU seconds while the documents flowed (same cores)
+    inference_s: float = float("nan")  # wall seconds inside the models (score stage), from /metrics
 
 
 def listener_pid(bootstrap: str) -> int | None:
@@ -160,6 +161,11 @@ def thread_names(py_spy_raw: Path) -> dict[int, str]:
 
 def scrape(port: int) -> str:
     return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+
+
+def inference_seconds(text: str) -> float:
+    """The score stage's wall seconds inside the models (`streamfilter_inference_seconds`, all models)."""
+    return sum(float(v) for v in re.findall(r'^streamfilter_inference_seconds_sum{model="\w+"} (\S+)$', text, re.M))
 
 
 def histogram_means(text: str, name: str) -> dict:
@@ -282,7 +288,7 @@ def end_to_end(bootstrap: str, askllm: Path, embedder: Path, texts: list[str], v
             first_decision_s=min(decided_at.values()) - first_scored,
             batch_seconds=histogram_means(text, "streamfilter_batch_seconds"),
             batch_docs=histogram_means(text, "streamfilter_batch_documents"),
-            snapshots=int(float(snapshots.group(1))) if snapshots else 0,
+            snapshots=int(float(snapshots.group(1))) if snapshots else 0, inference_s=inference_seconds(text),
             thread_cpu_s={t: (c - threads0.get(t, (0.0, 0))[0], (w - threads0.get(t, (0.0, 0))[1]) / elapsed)
                           for t, (c, w) in threads1.items()})
     finally:
@@ -372,7 +378,7 @@ def main() -> None:
                       "batch_docs": {k: round(v, 1) for k, v in res.batch_docs.items()},
                       "first_decision_after_first_scored_s": round(res.first_decision_s, 2),
                       "snapshots_written": res.snapshots, "peak_rss_mib": round(res.peak_kb / 1024),
-                      "broker_cpu_s": round(res.broker_cpu_s, 2)}))
+                      "broker_cpu_s": round(res.broker_cpu_s, 2), "inference_s": round(res.inference_s, 2)}))
     print(f"bare scorers (flan-t5-small + sentence-t5-base): {bare_rate:.1f} and {bare_rate2:.1f} docs/s "
           "(before and after the daemon run)")
     print(f"streamfilter run end to end:                     {res.docs_per_s:.1f} docs/s"
@@ -398,11 +404,16 @@ def main() -> None:
         print(f"bare scorers called {args.bare_chunks} documents at a time: {chunk_rate:.1f} docs/s, "
               f"{chunk_cpu:.3f} CPU s/document (run / this: {res.cpu_per_doc / chunk_cpu:.2f})")
     print(f"broker CPU while the documents flowed: {res.broker_cpu_s:.2f} s (the same cores)")
+    # Time inside the models, against the bare scorers (which are nothing but that time): how much
+    # slower inference itself runs beside the daemon's other threads and the broker.
+    print(f"inside the models: {res.inference_s:.1f} s of the run's {args.docs / res.docs_per_s:.1f} s, "
+          f"{args.docs / res.inference_s:.2f} docs/s there against the bare runs' {bare_rate:.2f} and {bare_rate2:.2f}")
     if len(repeats) > 1 and not args.no_bare:
         print(f"{len(repeats)} daemon runs, each against the two bare runs around it (best, mean):")
         each = [bracket_ratios(run, bares[i], bares[i + 1]) for i, run in enumerate(repeats)]
         for i, (run, r) in enumerate(zip(repeats, each)):
-            print(f"  run {i + 1}: {run.docs_per_s:.2f} docs/s, {run.cpu_per_doc:.4f} CPU s/doc, broker "
+            print(f"  run {i + 1}: {run.docs_per_s:.2f} docs/s ({args.docs / run.inference_s:.2f} inside the models), "
+                  f"{run.cpu_per_doc:.4f} CPU s/doc, broker "
                   f"{run.broker_cpu_s:.1f} s; bare {bares[i][0]:.2f} and {bares[i + 1][0]:.2f} docs/s; "
                   f"wall {r['wall_best']:.3f}, {r['wall_mean']:.3f}; CPU {r['cpu_best']:.3f}, {r['cpu_mean']:.3f}")
         med = {k: float(np.median([r[k] for r in each])) for k in each[0]}
