@@ -33,6 +33,8 @@ stage calls them per micro-batch; `--sketch-interval-s` sets sketch.snapshot_int
 
 `--repeats N` makes N daemon runs, each followed by a bare run, and prints each run's ratios
 against the two bare runs around it and their medians (the detailed figures are the first run's).
+`--alternate SECTION.KEY=VALUE` adds that --set to every second of those runs (B), for an A/B of a
+setting in one bench: medians for A and B apart.
 """
 
 from __future__ import annotations
@@ -316,10 +318,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1,
                         help="daemon runs, each followed by a bare run (the summary gives each run's ratios "
                              "against the two bare runs around it, and their medians)")
+    parser.add_argument("--alternate", action="append", default=[],
+                        help="with --repeats: every second daemon run (2nd, 4th, ...) also gets this --set "
+                             "(SECTION.KEY=VALUE): an A/B in one bench, with medians for each setting")
     parser.add_argument("--bootstrap")
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error(f"--repeats: must be >= 1, got {args.repeats}")
+    if args.alternate and (args.repeats < 2 or args.no_bare):
+        parser.error("--alternate: needs --repeats 2 or more, and the bare runs")
     root = REPO / ".cache" / "bench-models"
     _, askllm = build("flan-t5-small", root)
     _, embedder = build("sentence-t5-base", root)
@@ -330,6 +337,7 @@ def main() -> None:
         broker.start()
         args.bootstrap = broker.bootstrap
     extra = [a for kv in args.set for a in ("--set", kv)]
+    alternate = [a for kv in args.alternate for a in ("--set", kv)]
     bare_rate = bare_cpu = bare_rate2 = bare_cpu2 = float("nan")
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -348,7 +356,7 @@ def main() -> None:
                 workdir.mkdir()
                 repeats.append(end_to_end(args.bootstrap, askllm, embedder, texts, args.variant, args.batch,
                                           args.threads, workdir, rate=args.rate, interval_s=args.sketch_interval_s,
-                                          extra=extra))
+                                          extra=extra + (alternate if i % 2 else [])))
                 if not args.no_bare:
                     bares.append(bare(askllm, embedder, texts, args.variant, args.batch, args.threads))
             if args.bare_chunks:
@@ -411,14 +419,18 @@ def main() -> None:
     if len(repeats) > 1 and not args.no_bare:
         print(f"{len(repeats)} daemon runs, each against the two bare runs around it (best, mean):")
         each = [bracket_ratios(run, bares[i], bares[i + 1]) for i, run in enumerate(repeats)]
+        labels = [("B" if i % 2 else "A") if alternate else "" for i in range(len(repeats))]
         for i, (run, r) in enumerate(zip(repeats, each)):
-            print(f"  run {i + 1}: {run.docs_per_s:.2f} docs/s ({args.docs / run.inference_s:.2f} inside the models), "
+            print(f"  run {i + 1}{labels[i]}: {run.docs_per_s:.2f} docs/s ({args.docs / run.inference_s:.2f} inside the models), "
                   f"{run.cpu_per_doc:.4f} CPU s/doc, broker "
                   f"{run.broker_cpu_s:.1f} s; bare {bares[i][0]:.2f} and {bares[i + 1][0]:.2f} docs/s; "
                   f"wall {r['wall_best']:.3f}, {r['wall_mean']:.3f}; CPU {r['cpu_best']:.3f}, {r['cpu_mean']:.3f}")
-        med = {k: float(np.median([r[k] for r in each])) for k in each[0]}
-        print(f"  medians: wall {med['wall_best']:.3f}, {med['wall_mean']:.3f} (goal >= 0.9); "
-              f"CPU {med['cpu_best']:.3f}, {med['cpu_mean']:.3f} (goal <= 1.1)")
+        groups = {"": each} if not alternate else {
+            f" A ({' '.join(args.set) or 'as configured'})": each[0::2], f" B (+ {' '.join(args.alternate)})": each[1::2]}
+        for label, runs in groups.items():
+            med = {k: float(np.median([r[k] for r in runs])) for k in runs[0]}
+            print(f"  medians{label}: wall {med['wall_best']:.3f}, {med['wall_mean']:.3f} (goal >= 0.9); "
+                  f"CPU {med['cpu_best']:.3f}, {med['cpu_mean']:.3f} (goal <= 1.1)")
     print(f"peak RSS of `run` (paper sketch R=1000 B=20000): {res.peak_kb / 1024:.0f} MiB")
     names = thread_names(args.py_spy) if args.py_spy and args.py_spy.exists() else {}
     total = sum(cpu for cpu, _ in res.thread_cpu_s.values())
