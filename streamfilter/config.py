@@ -83,7 +83,11 @@ class ModelsConfig:
     perplexity: str = ""  # optional: a perplexity model folder; scored records then carry mean NLL
     max_tokens: int = 512
     variant: str = "auto"  # auto | fp32 | int8
-    intra_op_threads: int = 0  # 0 = onnxruntime's default
+    # Inference batches run at once (each by one thread on the model's one session) and the threads
+    # each run uses; 0 = chosen (models.runtime.thread_layout): on CPU one worker per core, each
+    # single-threaded; on a GPU one worker. Given one, the other divides the cores by it.
+    inference_workers: int = 0
+    intra_op_threads: int = 0
     inference_batch_docs: int = 32
     # The most padded tokens in one inference batch; 0: the model's default for its device
     # (on CPU ~1M hidden values: flan-t5-small 2048, sentence-t5-base 1280; no limit on a GPU).
@@ -339,6 +343,8 @@ def validate(config: Config) -> None:
     check(config.topics.partitions >= 1, "topics.partitions", "must be >= 1")
     check(config.models.max_tokens >= 64, "models.max_tokens", "must be >= 64 (the prompt alone takes ~60 tokens)")
     check(config.models.variant in ("auto", "fp32", "int8"), "models.variant", "must be auto, fp32 or int8")
+    check(config.models.inference_workers >= 0, "models.inference_workers", "must be >= 0 (0: one per core on CPU)")
+    check(config.models.intra_op_threads >= 0, "models.intra_op_threads", "must be >= 0 (0: chosen with the workers)")
     check(config.models.inference_batch_docs >= 1, "models.inference_batch_docs", "must be >= 1")
     check(config.models.inference_batch_tokens >= 0, "models.inference_batch_tokens",
           "must be >= 0 (0: the model's default for its device)")

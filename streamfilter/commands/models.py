@@ -45,7 +45,10 @@ def register(subparsers) -> None:
     score.add_argument("--variant", default=None, help="fp32, int8 or fp16 (default: best for the device)")
     score.add_argument("--batch-size", type=int, default=16)
     score.add_argument("--max-tokens", type=int, default=512, help="Ask-LLM prompt length in tokens")
-    score.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
+    score.add_argument("--threads", type=int, default=None,
+                       help="ONNX Runtime intra-op threads of each inference batch (default: cores / workers)")
+    score.add_argument("--workers", type=int, default=None,
+                       help="inference batches run at once (default on CPU: one per core, or cores / --threads)")
     score.add_argument("--providers", default=None, help="comma-separated, e.g. cuda,cpu (default: CUDA if present, then CPU)")
     score.add_argument("--log-score", action="store_true", help="also write askllm_log (log P(yes))")
     score.add_argument("--chunk", type=int, default=256, help="documents read before each scoring round")
@@ -130,16 +133,16 @@ def _score(args: argparse.Namespace) -> int:
     from streamfilter.models.loader import load_model
 
     providers = [p.strip() for p in args.providers.split(",")] if args.providers else None
+    runtime = {"providers": providers, "intra_op_threads": args.threads, "workers": args.workers}
     scorer = embedder = ppl = None
     if args.askllm is not None:
-        scorer = load_model(args.askllm, kind="askllm", max_tokens=args.max_tokens, providers=providers,
-                            intra_op_threads=args.threads, variant=args.variant)
+        scorer = load_model(args.askllm, kind="askllm", max_tokens=args.max_tokens, variant=args.variant, **runtime)
     if args.perplexity is not None:
-        ppl = load_model(args.perplexity, kind="perplexity", max_tokens=args.max_tokens, providers=providers,
-                         intra_op_threads=args.threads, variant=None if args.variant == "fp16" else args.variant)
+        ppl = load_model(args.perplexity, kind="perplexity", max_tokens=args.max_tokens,
+                         variant=None if args.variant == "fp16" else args.variant, **runtime)
     if args.embedder is not None:
-        embedder = load_model(args.embedder, kind="embedder", providers=providers, intra_op_threads=args.threads,
-                              variant=None if args.variant == "fp16" else args.variant)
+        embedder = load_model(args.embedder, kind="embedder", variant=None if args.variant == "fp16" else args.variant,
+                              **runtime)
     progress = _Progress(enabled=sys.stderr.isatty())
     out = sys.stdout
     n_bad = 0

@@ -8,6 +8,8 @@ length buckets, right padding, and the rows put back in input order.
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, ClassVar, Self, Sequence
 
@@ -22,16 +24,19 @@ DEFAULT_MAX_TOKENS = 512
 # 4 MiB in fp32) unless the caller says otherwise: past that each token costs more, as the batch's
 # activations leave the cache (bench/RESULTS.md, "Inference batches capped by tokens": flan-t5-small
 # 2048 tokens, sentence-t5-base ~1024-1536 were fastest, both ~15% faster than batches of 32
-# documents of any length).
+# documents of any length). The batches that run at once share it: with two workers on two cores a
+# batch of half as many tokens ran 7-12% faster, in about the memory of one full-size batch at a
+# time (bench/RESULTS.md, "Inference workers"; more workers than two were not measured).
 CPU_BATCH_VALUES = 2048 * 512
 UNKNOWN_WIDTH = 1024  # a manifest that does not give the width (d_model or dim)
 
 
-def cpu_batch_tokens(manifest: Manifest) -> int:
-    """The default token limit of an inference batch on CPU: `CPU_BATCH_VALUES` over the model's width,
-    rounded down to a multiple of 256 (flan-t5-small 2048, sentence-t5-base 1280)."""
+def cpu_batch_tokens(manifest: Manifest, workers: int = 1) -> int:
+    """The default token limit of an inference batch on CPU: `CPU_BATCH_VALUES` over the model's width
+    and the batches running at once, rounded down to a multiple of 256, at least 256 (one worker:
+    flan-t5-small 2048, sentence-t5-base 1280; two: 1024 and 512)."""
     width = manifest.config.get("d_model") or manifest.config.get("dim") or UNKNOWN_WIDTH
-    return max(256, CPU_BATCH_VALUES // int(width) // 256 * 256)
+    return max(256, CPU_BATCH_VALUES // int(width) // max(1, workers) // 256 * 256)
 
 
 class OnnxTextModel:
@@ -39,8 +44,8 @@ class OnnxTextModel:
 
     Subclasses name the manifest `KIND` they run and, where a kind has several graphs, the
     `BACKEND` (None: any). Constructor options past the opened parts (`max_tokens`, `dtype`, ...)
-    are the subclass's, passed through `load`, `open` and `loader.load_model`; `batch_tokens` is
-    every model's (see `run_batched`).
+    are the subclass's, passed through `load`, `open` and `loader.load_model`; `batch_tokens` and
+    `workers` are every model's (see `run_batched`).
     """
 
     KIND: ClassVar[str]
@@ -56,36 +61,49 @@ class OnnxTextModel:
         self.model_id = f"{manifest.name}@{manifest.variant_sha256(variant)[:12]}"
         # the most padded tokens in one inference batch (0: only batch_size limits a batch)
         self.batch_tokens: int = cpu_batch_tokens(manifest) if session.device == "cpu" else 0
+        # inference batches run at once, each by one thread on the one session (`runtime.thread_layout`)
+        self.workers: int = 1
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
 
     @classmethod
     def load(cls, model_dir: str | Path, *, variant: str | None = None, providers: Sequence[str] | None = None,
-             intra_op_threads: int | None = None, batch_tokens: int | None = None, **options: Any) -> Self:
+             intra_op_threads: int | None = None, batch_tokens: int | None = None, workers: int | None = None,
+             **options: Any) -> Self:
         """Load a model folder of this class's kind (and backend), checking every file against its manifest.
 
         `variant`: "fp32", "int8" (CPU), "fp16" (GPU) where exported, or None for the best the
         device supports (`runtime.choose_variant`).
         """
         return cls.open(load_manifest(model_dir), variant=variant, providers=providers,
-                        intra_op_threads=intra_op_threads, batch_tokens=batch_tokens, **options)
+                        intra_op_threads=intra_op_threads, batch_tokens=batch_tokens, workers=workers, **options)
 
     @classmethod
     def open(cls, manifest: Manifest, *, variant: str | None = None, providers: Sequence[str] | None = None,
-             intra_op_threads: int | None = None, batch_tokens: int | None = None, **options: Any) -> Self:
+             intra_op_threads: int | None = None, batch_tokens: int | None = None, workers: int | None = None,
+             **options: Any) -> Self:
         """The model of an already parsed manifest: checked (`check_manifest`), then its session opened.
 
         `batch_tokens`: the most padded tokens in one inference batch, 0 for no limit past the
-        call's `batch_size`; None for the device's default (`cpu_batch_tokens` on CPU, no limit on a GPU).
+        call's `batch_size`; None for the device's default (on CPU `cpu_batch_tokens` for the workers,
+        on a GPU no limit).
+        `workers` and `intra_op_threads`: how many inference batches run at once and how many
+        threads each run uses; None (or 0) for `runtime.thread_layout`'s choice (on CPU one worker
+        per core, each single-threaded; on a GPU one worker).
         """
         from streamfilter.models.runtime import open_model
 
         if batch_tokens is not None and batch_tokens < 0:
             raise ConfigError(f"batch_tokens: must be >= 0 (0: no limit), got {batch_tokens}")
         cls.check_manifest(manifest)
-        session, tokenizer, variant = open_model(manifest, variant, providers=providers,
-                                                 intra_op_threads=intra_op_threads)
+        session, tokenizer, variant, workers = open_model(manifest, variant, providers=providers,
+                                                          intra_op_threads=intra_op_threads, workers=workers)
         model = cls(manifest, session, tokenizer, variant=variant, **options)
+        model.workers = workers
         if batch_tokens is not None:
             model.batch_tokens = batch_tokens
+        elif session.device == "cpu":
+            model.batch_tokens = cpu_batch_tokens(manifest, workers)
         return model
 
     @classmethod
@@ -113,15 +131,41 @@ class OnnxTextModel:
         `outputs` gives each output's shape past the batch axis and its dtype: output k is an
         array [len(ids), *shape_k], row i the graph's row for ids[i]. Batches are cut by length
         (`text.length_buckets`: at most `batch_size` documents and `self.batch_tokens` padded
-        tokens) and right-padded with `pad_token_id`.
+        tokens) and right-padded with `pad_token_id`. With `self.workers` > 1 that many batches run
+        at once, the costliest first, and a call on fewer documents than `workers` x `batch_size` is
+        cut into smaller batches so that every worker gets one. If a batch raises, the call waits
+        for the batches running beside it, then raises the first error (in the order they started).
         """
         if batch_size < 1:
             raise ConfigError(f"batch_size: must be >= 1, got {batch_size}")
         out = [np.empty((len(ids), *shape), dtype=dtype) for shape, dtype in outputs]
         if not len(ids):
             return out
-        for batch in length_buckets([len(s) for s in ids], batch_size, self.batch_tokens):
-            input_ids, mask = pad_batch([ids[i] for i in batch], self.pad_token_id)
-            for array, rows in zip(out, self.session.run({"input_ids": input_ids, "attention_mask": mask}), strict=True):
-                array[batch] = rows
+        lengths = [len(s) for s in ids]
+        workers = min(self.workers, len(ids))
+        batches = length_buckets(lengths, min(batch_size, -(-len(ids) // workers)), self.batch_tokens)
+        if workers == 1 or len(batches) == 1:
+            for batch in batches:
+                self._run_batch(ids, batch, out)
+            return out
+        # the costliest (padded tokens) first: the last to start are the cheapest, so the workers
+        # finish close together
+        batches.sort(key=lambda batch: -len(batch) * max(lengths[i] for i in batch))
+        pool = self._worker_pool()
+        futures = [pool.submit(self._run_batch, ids, batch, out) for batch in batches]
+        wait(futures)
+        for future in futures:
+            future.result()  # the first error, if any, once nothing runs any more
         return out
+
+    def _run_batch(self, ids: Sequence[Sequence[int]], batch: list[int], out: list[np.ndarray]) -> None:
+        """Run one inference batch (indices into `ids`) and write its rows of every output."""
+        input_ids, mask = pad_batch([ids[i] for i in batch], self.pad_token_id)
+        for array, rows in zip(out, self.session.run({"input_ids": input_ids, "attention_mask": mask}), strict=True):
+            array[batch] = rows
+
+    def _worker_pool(self) -> ThreadPoolExecutor:
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix=f"sf-infer-{self.KIND}")
+            return self._pool

@@ -64,8 +64,8 @@ def load_model(model_dir: str | Path, *, kind: str | None = None, variant: str |
     `kind`: the kind the caller expects ("askllm", "embedder", "perplexity"; UserError if the
     folder holds another), or None for whatever it holds. `options` go to the class:
     `max_tokens` (Ask-LLM, perplexity: default 512; embedder: default the model's
-    `max_seq_length`) and `dtype` (embedder: "float32" or "float16"). `variant` and
-    `batch_tokens`: see `OnnxTextModel.load` and `OnnxTextModel.open`.
+    `max_seq_length`) and `dtype` (embedder: "float32" or "float16"). `variant`, `batch_tokens`
+    and `workers`: see `OnnxTextModel.load` and `OnnxTextModel.open`.
     """
     manifest = load_manifest(model_dir, kind=kind)
     return model_class(manifest).open(manifest, variant=variant, providers=providers,

@@ -96,11 +96,12 @@ def make_session(
     providers: Sequence[str] | None = None,
     intra_op_threads: int | None = None,
     graph_optimization: str = "all",
+    workers: int = 1,
 ) -> Session:
     """Create a session for `model` (bytes of a self-contained ONNX file, or a path).
 
     `intra_op_threads=None` uses one thread per available core. `graph_optimization` is
-    one of "disable", "basic", "extended", "all".
+    one of "disable", "basic", "extended", "all". `workers`: how many runs the caller makes at once.
     """
     levels = {
         "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -122,6 +123,11 @@ def make_session(
     # cores `run` spent ~4% less CPU per document with this and the one-thread BLAS together, and
     # the bare scorers lost nothing without spinning (bench/RESULTS.md, "Throughput and latency").
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if workers > 1:
+        # A memory pattern plans one block for all of a run's activations per input shape; runs side
+        # by side each hold theirs. Without it, freed activations are reused within each run: two
+        # workers' peak RSS fell from ~990 to ~860 MiB (one worker's: 883) at the same speed.
+        options.enable_mem_pattern = False
     options.log_severity_level = 3  # ORT's own warnings (e.g. "some nodes were not assigned to CUDA") are noise here
     chosen = resolve_providers(providers)
     provider_options = [_provider_options(p) for p in chosen]
@@ -135,6 +141,32 @@ def make_session(
         log.warning("%s runs on %s: %s was requested but did not start (CUDA/cuDNN libraries missing?)",
                     label, used, providers[0])
     return Session(session=session, provider=used, device=device, label=label)
+
+
+def thread_layout(workers: int | None, intra_op_threads: int | None, on_gpu: bool) -> tuple[int, int | None]:
+    """(inference workers, intra-op threads per session run) for a model; None or 0 is "choose".
+
+    A worker is a thread that runs one inference batch at a time on the model's one session, so
+    `workers` batches run at once. On CPU the default is one worker per core, each run single-
+    threaded: ONNX Runtime's intra-op pool splits every operator across its threads and waits for
+    all of them, so a thread of the daemon or the broker that takes a core from one of them holds
+    up the whole operator, while one-thread runs side by side lose only the time taken from them
+    (bench/RESULTS.md, "Inference workers"). Given one of the two, the other divides the cores by
+    it. On a GPU one worker feeds the device (`intra_op_threads` None: ONNX Runtime's default).
+    """
+    if workers is not None and workers < 0:
+        raise ConfigError(f"inference_workers: must be >= 0 (0: one per core on CPU, 1 on a GPU), got {workers}")
+    if intra_op_threads is not None and intra_op_threads < 0:
+        raise ConfigError(f"intra_op_threads: must be >= 0 (0 = ONNX Runtime's default), got {intra_op_threads}")
+    workers, intra_op_threads = workers or None, intra_op_threads or None
+    if on_gpu:
+        return workers or 1, intra_op_threads
+    cores = _default_threads()
+    if workers is None:
+        workers = max(1, cores // (intra_op_threads or 1))
+    if intra_op_threads is None:
+        intra_op_threads = max(1, cores // workers)
+    return workers, intra_op_threads
 
 
 def _default_threads() -> int:
@@ -170,7 +202,7 @@ def choose_variant(manifest: Manifest, variant: str | None, on_gpu: bool) -> str
     return variant
 
 
-def open_variant(manifest: Manifest, variant: str, *, providers, intra_op_threads):
+def open_variant(manifest: Manifest, variant: str, *, providers, intra_op_threads, workers: int = 1):
     """An ONNX Runtime session for one variant of the model folder, its files checked against the manifest."""
     spec = manifest.variants[variant]
     label = f"{manifest.kind} {manifest.name}@{manifest.variant_sha256(variant)[:12]} ({variant})"
@@ -181,17 +213,19 @@ def open_variant(manifest: Manifest, variant: str, *, providers, intra_op_thread
         model = manifest.path(spec["model"])
     else:
         model = manifest.read_verified(spec["model"])  # the bytes hashed are the bytes loaded
-    return make_session(model, label=label, providers=providers, intra_op_threads=intra_op_threads)
+    return make_session(model, label=label, providers=providers, intra_op_threads=intra_op_threads, workers=workers)
 
 
-def open_model(manifest: Manifest, variant: str | None, *, providers, intra_op_threads):
-    """(session, tokenizer, variant) for a model folder: the variant chosen for the device
-    (`choose_variant`), the tokenizer and the graph both checked against the manifest."""
+def open_model(manifest: Manifest, variant: str | None, *, providers, intra_op_threads, workers=None):
+    """(session, tokenizer, variant, workers) for a model folder: the variant chosen for the device
+    (`choose_variant`), the tokenizer and the graph both checked against the manifest, the session's
+    threads and the number of inference workers from `thread_layout`."""
     from streamfilter.models.text import load_tokenizer
 
     on_gpu = gpu_available() and resolve_providers(providers)[0] != "CPUExecutionProvider"
     variant = choose_variant(manifest, variant, on_gpu)
+    workers, intra_op_threads = thread_layout(workers, intra_op_threads, on_gpu)
     tokenizer = load_tokenizer(str(manifest.path(manifest.tokenizer)))
     manifest.verify_file(manifest.tokenizer)
-    session = open_variant(manifest, variant, providers=providers, intra_op_threads=intra_op_threads)
-    return session, tokenizer, variant
+    session = open_variant(manifest, variant, providers=providers, intra_op_threads=intra_op_threads, workers=workers)
+    return session, tokenizer, variant, workers

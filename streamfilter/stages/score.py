@@ -53,13 +53,14 @@ class ScoreTransform:
         m = self.models
         variant = None if m.variant == "auto" else m.variant
         runtime = {"variant": variant, "intra_op_threads": m.intra_op_threads or None,
-                   "batch_tokens": m.inference_batch_tokens or None}
+                   "workers": m.inference_workers or None, "batch_tokens": m.inference_batch_tokens or None}
         self.scorer = load_model(m.askllm, kind="askllm", max_tokens=m.max_tokens, **runtime)
         self.embedder = load_model(m.embedder, kind="embedder", dtype="float16", **runtime)
         if m.perplexity and self.perplexity is None:
             self.perplexity = load_model(m.perplexity, kind="perplexity", max_tokens=m.max_tokens, **runtime)
-        log.info("score: Ask-LLM %s, embedder %s (dim %d)%s", self.scorer.model_id, self.embedder.model_id,
-                 self.embedder.dim, f", perplexity {self.perplexity.model_id}" if self.perplexity else "")
+        log.info("score: Ask-LLM %s, embedder %s (dim %d)%s, %d inference worker(s)", self.scorer.model_id,
+                 self.embedder.model_id, self.embedder.dim,
+                 f", perplexity {self.perplexity.model_id}" if self.perplexity else "", self.scorer.workers)
 
     def __call__(self, records: list) -> Outputs:
         """Scored records and DLQ entries for `records`. Raises `InvalidDocument("model_error")` when a

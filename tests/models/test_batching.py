@@ -57,7 +57,7 @@ def test_cpu_models_cap_batch_tokens_and_score_the_same(test_models, sample_text
 
     capped = AskLLMScorer.load(test_models.askllm, variant="fp32")
     uncapped = AskLLMScorer.load(test_models.askllm, variant="fp32", batch_tokens=0)
-    assert capped.batch_tokens == cpu_batch_tokens(capped.manifest) > 0 and uncapped.batch_tokens == 0
+    assert capped.batch_tokens == cpu_batch_tokens(capped.manifest, capped.workers) > 0 and uncapped.batch_tokens == 0
     small = AskLLMScorer.load(test_models.askllm, variant="fp32", batch_tokens=600)
     texts = sample_texts + [wiki_documents()[7].text * 6] * 4  # four 512-token prompts
     shapes, wide = spy_on_batches(small), spy_on_batches(uncapped)
@@ -98,7 +98,7 @@ def test_the_score_stage_loads_its_models_with_the_configured_limit(test_models,
     stage = ScoreTransform.from_config(config)
     stage.load()
     for model in (stage.scorer, stage.embedder):
-        assert model.batch_tokens == (expected or cpu_batch_tokens(model.manifest))
+        assert model.batch_tokens == (expected or cpu_batch_tokens(model.manifest, model.workers))
 
 
 def test_the_token_limit_counts_the_padding_to_a_multiple_of_eight():
