@@ -87,7 +87,7 @@ def main() -> None:
     for rnd in range(args.rounds):
         for name, (model, fn, settings) in models.items():
             for setting in settings.split(","):
-                tokens = cpu_batch_tokens(model.manifest) if setting == "default" else int(setting)
+                tokens = cpu_batch_tokens(model.manifest, model.workers) if setting == "default" else int(setting)
                 model.batch_tokens = tokens
                 for chunk in (len(texts), args.chunk):
                     wall, cpu = timed(fn, texts, chunk)

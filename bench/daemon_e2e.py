@@ -30,6 +30,11 @@ stage calls them per micro-batch; `--sketch-interval-s` sets sketch.snapshot_int
 
     .venv/bin/python bench/daemon_e2e.py [--docs 400] [--variant int8] [--batch 32] [--rate 0]
         [--bootstrap HOST:PORT] [--py-spy profile.txt] [--bare-chunks 128] [--no-bare] [--repeats 1]
+        [--workers 0] [--threads 0]
+
+`--workers` and `--threads` set `models.inference_workers` and `models.intra_op_threads` for the
+daemon and the bare scorers alike (0: chosen, as the daemon's defaults: one single-threaded
+worker per core on CPU).
 
 `--repeats N` makes N daemon runs, each followed by a bare run, and prints each run's ratios
 against the two bare runs around it and their medians (the detailed figures are the first run's).
@@ -65,14 +70,16 @@ from streamfilter.broker import KafkaBroker, free_port  # noqa: E402
 
 
 def bare(askllm: Path, embedder: Path, texts: list[str], variant: str, batch: int, threads: int,
-         chunk: int = 0) -> tuple[float, float]:
+         chunk: int = 0, workers: int = 0) -> tuple[float, float]:
     """(docs/s, CPU seconds per document) of the scorers alone; `chunk` > 0 calls them on that many
     documents at a time, as the score stage does per micro-batch (each call sorts its documents by
-    length into inference batches, so larger calls pad less)."""
+    length into inference batches, so larger calls pad less). `workers` and `threads` as the
+    daemon's `models.inference_workers` and `models.intra_op_threads` (0: chosen)."""
     from streamfilter.models import AskLLMScorer, SentenceEmbedder
 
-    scorer = AskLLMScorer.load(askllm, variant=variant, intra_op_threads=threads)
-    emb = SentenceEmbedder.load(embedder, variant=variant, dtype="float16", intra_op_threads=threads)
+    layout = {"intra_op_threads": threads or None, "workers": workers or None}
+    scorer = AskLLMScorer.load(askllm, variant=variant, **layout)
+    emb = SentenceEmbedder.load(embedder, variant=variant, dtype="float16", **layout)
     scorer.score(texts[:batch], batch_size=batch)  # warm-up
     emb.embed(texts[:batch], batch_size=batch)
     t0, c0 = time.perf_counter(), time.process_time()
@@ -179,7 +186,7 @@ def histogram_means(text: str, name: str) -> dict:
 
 def end_to_end(bootstrap: str, askllm: Path, embedder: Path, texts: list[str], variant: str, batch: int,
                threads: int, workdir: Path, rate: float = 0.0, interval_s: float = 30.0,
-               py_spy: Path | None = None, extra: list[str] = ()) -> RunResult:
+               py_spy: Path | None = None, extra: list[str] = (), workers: int = 0) -> RunResult:
     import msgpack
     from kafka import KafkaConsumer, KafkaProducer
     from kafka.admin import KafkaAdminClient, NewTopic
@@ -197,6 +204,7 @@ def end_to_end(bootstrap: str, askllm: Path, embedder: Path, texts: list[str], v
         "[topics]", *[f'{k} = "{v}"' for k, v in topics.items()],
         "[models]", f'askllm = "{askllm}"', f'embedder = "{embedder}"', f'variant = "{variant}"',
         f"inference_batch_docs = {batch}", f"intra_op_threads = {threads}",
+        f"inference_workers = {workers}",
         "[batch]", f"max_batch_docs = {batch * 4}", "max_wait_ms = 200",
         "[sketch]", "rows = 1000", "buckets = 20000", f'snapshot_dir = "{workdir / "snapshots"}"',
         f"snapshot_interval_s = {interval_s}",  # the default 30: a snapshot (80 MB at R=1000, B=20000) is not free
@@ -307,7 +315,10 @@ def main() -> None:
     parser.add_argument("--docs", type=int, default=400)
     parser.add_argument("--variant", default="int8", choices=["fp32", "int8"])
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="models.intra_op_threads, daemon and bare (0: chosen with the workers)")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="models.inference_workers, daemon and bare (0: one per core on CPU)")
     parser.add_argument("--rate", type=float, default=0.0, help="documents per second offered (0: all at once)")
     parser.add_argument("--sketch-interval-s", type=float, default=30.0, help="sketch.snapshot_interval_s")
     parser.add_argument("--set", action="append", default=[], help="extra --set for the daemon (SECTION.KEY=VALUE)")
@@ -342,12 +353,14 @@ def main() -> None:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             if not args.no_bare:
-                bare_rate, bare_cpu = bare(askllm, embedder, texts, args.variant, args.batch, args.threads)
+                bare_rate, bare_cpu = bare(askllm, embedder, texts, args.variant, args.batch, args.threads,
+                                           workers=args.workers)
             res = end_to_end(args.bootstrap, askllm, embedder, texts, args.variant, args.batch, args.threads,
                              Path(tmp), rate=args.rate, interval_s=args.sketch_interval_s, py_spy=args.py_spy,
-                             extra=extra)
+                             extra=extra, workers=args.workers)
             if not args.no_bare:
-                bare_rate2, bare_cpu2 = bare(askllm, embedder, texts, args.variant, args.batch, args.threads)
+                bare_rate2, bare_cpu2 = bare(askllm, embedder, texts, args.variant, args.batch, args.threads,
+                                             workers=args.workers)
             # --repeats: more daemon runs, each followed by a bare run, so that every daemon run is
             # bracketed by two bare runs and its ratios are taken against its own neighbours.
             bares, repeats = [(bare_rate, bare_cpu), (bare_rate2, bare_cpu2)], [res]
@@ -356,12 +369,13 @@ def main() -> None:
                 workdir.mkdir()
                 repeats.append(end_to_end(args.bootstrap, askllm, embedder, texts, args.variant, args.batch,
                                           args.threads, workdir, rate=args.rate, interval_s=args.sketch_interval_s,
-                                          extra=extra + (alternate if i % 2 else [])))
+                                          extra=extra + (alternate if i % 2 else []), workers=args.workers))
                 if not args.no_bare:
-                    bares.append(bare(askllm, embedder, texts, args.variant, args.batch, args.threads))
+                    bares.append(bare(askllm, embedder, texts, args.variant, args.batch, args.threads,
+                                      workers=args.workers))
             if args.bare_chunks:
                 chunk_rate, chunk_cpu = bare(askllm, embedder, texts, args.variant, args.batch, args.threads,
-                                             chunk=args.bare_chunks)
+                                             chunk=args.bare_chunks, workers=args.workers)
     finally:
         if broker is not None:
             broker.stop()
@@ -370,7 +384,7 @@ def main() -> None:
     p50, p99 = np.percentile(res.latencies_s, [50, 99])
     s50, s99 = np.percentile(res.steady_latencies_s, [50, 99])
     score_batch = res.batch_seconds.get("score", float("nan"))
-    print(json.dumps({"docs": args.docs, "variant": args.variant, "batch": args.batch, "threads": args.threads,
+    print(json.dumps({"docs": args.docs, "variant": args.variant, "batch": args.batch, "threads": args.threads, "workers": args.workers,
                       "rate": args.rate, "snapshot_interval_s": args.sketch_interval_s, "set": args.set,
                       "bare_docs_per_s": [round(bare_rate, 2), round(bare_rate2, 2)],
                       "run_docs_per_s": round(res.docs_per_s, 2), "ratio_wall": round(ratios["wall_best"], 3),
