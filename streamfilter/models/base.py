@@ -149,8 +149,8 @@ class OnnxTextModel:
                 self._run_batch(ids, batch, out)
             return out
         # the costliest (padded tokens) first: the last to start are the cheapest, so the workers
-        # finish close together
-        batches.sort(key=lambda batch: -len(batch) * max(lengths[i] for i in batch))
+        # finish close together (each batch is sorted by length: its last document is its longest)
+        batches.sort(key=lambda batch: -len(batch) * lengths[batch[-1]])
         pool = self._worker_pool()
         futures = [pool.submit(self._run_batch, ids, batch, out) for batch in batches]
         wait(futures)

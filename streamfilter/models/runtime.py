@@ -157,7 +157,7 @@ def thread_layout(workers: int | None, intra_op_threads: int | None, on_gpu: boo
     if workers is not None and workers < 0:
         raise ConfigError(f"inference_workers: must be >= 0 (0: one per core on CPU, 1 on a GPU), got {workers}")
     if intra_op_threads is not None and intra_op_threads < 0:
-        raise ConfigError(f"intra_op_threads: must be >= 0 (0 = ONNX Runtime's default), got {intra_op_threads}")
+        raise ConfigError(f"intra_op_threads: must be >= 0 (0: chosen with the workers), got {intra_op_threads}")
     workers, intra_op_threads = workers or None, intra_op_threads or None
     if on_gpu:
         return workers or 1, intra_op_threads
