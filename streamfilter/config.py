@@ -96,7 +96,8 @@ class ModelsConfig:
 
 @dataclass(frozen=True)
 class BatchConfig:
-    # A micro-batch (one transaction) closes on size or time. Its size adapts: it starts at
+    # A micro-batch (one transaction) closes on size, or once max_wait_ms has passed and the batch
+    # before it is transformed (under load it takes in what arrives meanwhile). Its size adapts: it starts at
     # base_batch_docs and doubles with each batch that fills while input is waiting (a backlog),
     # up to max_batch_docs or max_batch_bytes, as long as the previous batch's transform took less
     # than half of target_batch_ms; batches that close on time (input is not waiting) halve it back.

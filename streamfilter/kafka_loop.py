@@ -5,9 +5,13 @@ This module owns the order of a checkpoint and the failure model of the transact
 timeouts, size limits and health probes are `kafka_clients`'. For each micro-batch:
 
   1. poll    records until the batch's size (`BatchSizer`: it grows under a backlog, up to
-             `max_batch_docs`/`max_batch_bytes`) or `max_wait_ms` (consumer thread, read_committed);
+             `max_batch_docs`/`max_batch_bytes`), or until `max_wait_ms` has passed and the work
+             thread is free (consumer thread, read_committed): a batch never closes while the one
+             before it is still transformed, so a record waits for at most that one transform;
              the batch is stamped with the group generation and the group metadata it was read under
-  2. transform  the batch (worker thread: inference, policy) while the next batch is polled
+  2. transform  the batch (work thread: inference, policy) while the next batch is polled
+  then, on the producer thread, as soon as the transform is done (the next poll goes on meanwhile,
+  and the next transform may start before this commit is known):
   3. begin_transaction; send every output record (results and DLQ entries)
   4. send_offsets_to_transaction(next offset per partition, the batch's group metadata)
   5. commit_transaction (flushes the sends; the broker marks outputs and offsets committed together)
@@ -180,7 +184,7 @@ class BatchSizer:
     previous batch's transform took less than half of `target_s`, so a slow model never builds
     batches that hold records (and the consumer's poll) for long. A batch that closes on time
     with fewer records means input is not waiting: the size halves back toward `base_docs`,
-    and latency at low load is what `max_wait_ms` makes it.
+    and latency at low load is what `max_wait_ms` makes it (plus the transform and the commit).
     """
 
     def __init__(self, base_docs: int, max_docs: int, target_s: float):
@@ -220,6 +224,9 @@ class StageFailure(Exception):
     """Every record of a batch failed on its own: the stage is broken, not its input."""
 
 
+WORK_WAIT_S = 0.02  # how often a batch that waits for the work thread takes in what arrived meanwhile
+
+
 class TransactionalLoop:
     """Runs one transactional stage: `transform` maps a micro-batch of input records to outputs."""
 
@@ -242,6 +249,11 @@ class TransactionalLoop:
         self.completed = False  # bounded runs: True once every partition's range is committed
         self.generation = 0
         self.rewind_needed = False
+        self._generation_lock = threading.Lock()  # bumped from the consumer thread and the producer thread
+        self._transforms_pending = 0  # batches given to the work thread and not yet transformed
+        self._work_lock = threading.Lock()
+        self._work_idle = threading.Event()  # set while no transform is pending: the next batch may close
+        self._work_idle.set()
         self.health = StageHealth(stage)
         self.watch = ConsumerWatch(self.health)
         self._stopping = threading.Event()
@@ -277,36 +289,28 @@ class TransactionalLoop:
         in_flight: tuple[Batch, asyncio.Future] | None = None
         backoff = Backoff(self.config.daemon.retry_backoff_max_s)
         while True:
-            batch = None
+            polling = None
             if not stop.is_set():
-                batch = await loop.run_in_executor(self._consumer_thread, self._poll_batch)
-            outputs = None
+                polling = loop.run_in_executor(self._consumer_thread, self._poll_batch)
+            # The batch in flight is committed as soon as its transform is done, while the next one is
+            # still polled: a commit never waits out the next batch's max_wait_ms.
+            finishing = None
             if in_flight is not None:
-                try:
-                    outputs = await in_flight[1]
-                except StageFailure as exc:
-                    metrics.BATCH_RETRIES.labels(self.stage, "stage").inc()
-                    self.health.not_ready(f"failing: {exc}")
-                    log.error("%s: %s; the batch will be read again", self.stage, exc)
-                except Exception as exc:  # noqa: BLE001 - a bug in the isolation itself: retried like a Kafka failure
-                    log.exception("%s: transforming a batch failed; it will be read again", self.stage)
-                    self.health.not_ready(f"failing: {type(exc).__name__}: {exc}")
-            # Start the next transform before committing this one: the model never waits on Kafka.
+                finishing = asyncio.ensure_future(self._finish(loop, *in_flight))
+            batch = await polling if polling is not None else None
+            # Start the next transform before this commit is known: the model never waits on Kafka.
             next_flight = None
             if batch is not None and batch.records:
                 metrics.BATCH_DOCUMENTS.labels(self.stage).observe(len(batch.records))
                 metrics.INPUT_DOCUMENTS.labels(self.stage).inc(len(batch.records))
-                next_flight = (batch, loop.run_in_executor(self._work_thread, self.transform_isolated, batch.records))
-            if in_flight is not None:
-                done = outputs is not None and await loop.run_in_executor(
-                    self._producer_thread, self._commit, in_flight[0], outputs)
-                if not done:
+                next_flight = (batch, self._start_transform(loop, batch.records))
+            if finishing is not None:
+                if not await finishing:
                     if next_flight is not None:  # read again after the rewind
                         await asyncio.gather(next_flight[1], return_exceptions=True)
                         metrics.BATCHES_DROPPED.labels(self.stage, "retry").inc()
                         next_flight = None
-                    self.generation += 1
-                    self.rewind_needed = True
+                    self._invalidate()
                     await _sleep_or_stop(backoff.next(), stop)
                 else:
                     backoff.reset()
@@ -316,6 +320,47 @@ class TransactionalLoop:
             in_flight = next_flight
             if self.completed or (stop.is_set() and in_flight is None):
                 return
+
+    async def _finish(self, loop, batch: Batch, transformed: asyncio.Future) -> bool:
+        """Wait for a batch's transform, then commit it (steps 3-5); False when it must be read again."""
+        try:
+            outputs = await transformed
+        except StageFailure as exc:
+            metrics.BATCH_RETRIES.labels(self.stage, "stage").inc()
+            self.health.not_ready(f"failing: {exc}")
+            log.error("%s: %s; the batch will be read again", self.stage, exc)
+            return False
+        except Exception as exc:  # noqa: BLE001 - a bug in the isolation itself: retried like a Kafka failure
+            log.exception("%s: transforming a batch failed; it will be read again", self.stage)
+            self.health.not_ready(f"failing: {type(exc).__name__}: {exc}")
+            return False
+        return await loop.run_in_executor(self._producer_thread, self._commit, batch, outputs)
+
+    def _start_transform(self, loop, records: list) -> asyncio.Future:
+        """`transform_isolated(records)` on the work thread; the work is idle again once every batch given to it
+        is transformed (the consumer thread closes a batch only then, see `_poll_records`)."""
+        with self._work_lock:
+            self._transforms_pending += 1
+            self._work_idle.clear()
+        return loop.run_in_executor(self._work_thread, self._transform_counted, records)
+
+    def _transform_counted(self, records: list) -> Outputs:
+        try:
+            return self.transform_isolated(records)
+        finally:
+            with self._work_lock:
+                self._transforms_pending -= 1
+                if not self._transforms_pending:
+                    self._work_idle.set()
+
+    def _invalidate(self, rewind: bool = True) -> None:
+        """A new generation: every batch read before is dropped uncommitted, and (`rewind`, or the poll seeing
+        the generation change) the consumer rewinds to the committed offsets before it reads on. Called
+        from the consumer, producer and event-loop threads."""
+        with self._generation_lock:
+            self.generation += 1
+            if rewind:
+                self.rewind_needed = True
 
     def _range_done(self, batch: Batch | None, next_flight) -> bool:
         """A bounded run is complete when a poll found every partition at its end with nothing in flight."""
@@ -418,8 +463,16 @@ class TransactionalLoop:
                 self._rewind()
                 records, generation, size_bytes = [], self.generation, 0
             remaining_ms = max(0, int((deadline - time.monotonic()) * 1000))
-            polled = consumer.poll(timeout_ms=min(remaining_ms, 200) if records else max(remaining_ms, 50),
-                                   max_records=limit - len(records))
+            if records and remaining_ms == 0:
+                # Past max_wait_ms with records in hand: the batch closes once the work thread is free to take
+                # it, and until then takes what arrives, so a record waits for the transform before it, never
+                # for one more batch after it.
+                if self._work_idle.wait(WORK_WAIT_S):
+                    break
+                timeout_ms = 0
+            else:
+                timeout_ms = min(remaining_ms, 200) if records else max(remaining_ms, 50)
+            polled = consumer.poll(timeout_ms=timeout_ms, max_records=limit - len(records))
             if self.generation != generation:
                 continue  # rebalanced inside poll: drop what came with it, rewind, start afresh
             for tp, part in polled.items():
@@ -430,8 +483,8 @@ class TransactionalLoop:
                 size_bytes += sum(r.serialized_value_size for r in part)
             if self.bounds is not None and self._pause_finished():
                 break
-            if time.monotonic() >= deadline and (records or remaining_ms == 0):
-                break
+            if not records and remaining_ms == 0:
+                break  # nothing came within max_wait_ms
         if records:
             self.watch.got_records(records)
             self.sizer.observe(len(records), filled=len(records) >= limit or size_bytes >= max_bytes)
@@ -455,8 +508,7 @@ class TransactionalLoop:
         and everything uncommitted is read again, so nothing is lost or duplicated. Should the new
         one fail to start (the broker away), the next poll makes it."""
         metrics.RETRIES.labels(self.stage).inc()
-        self.generation += 1
-        self.rewind_needed = True
+        self._invalidate()
         self.watch.reset()
         old, self.consumer = self.consumer, None
         try:
@@ -466,6 +518,8 @@ class TransactionalLoop:
         self._make_consumer()
 
     def _rewind(self) -> None:
+        # Cleared first: a batch the producer thread drops meanwhile (`_invalidate`) asks for one more rewind.
+        self.rewind_needed = False
         for tp in self.consumer.assignment():
             # Fetched as stable offsets (read_committed): waits while a transaction's offsets are pending.
             committed = self.consumer.committed(tp, timeout_ms=self.txn_wait_ms)
@@ -477,7 +531,6 @@ class TransactionalLoop:
                 self.consumer.seek_to_beginning(tp)
         if self.bounds is not None:
             self.consumer.resume(*self.consumer.paused())  # `_pause_finished` pauses them again at their end
-        self.rewind_needed = False
 
     # -- producer thread ---------------------------------------------------------------
 
@@ -494,8 +547,7 @@ class TransactionalLoop:
             metrics.BATCHES_DROPPED.labels(self.stage, "rebalance").inc()
             log.warning("%s: dropping a batch of %d read by a member that has left the group; it rejoins and "
                         "reads again from the committed offsets", self.stage, len(batch.records))
-            self.generation += 1
-            self.rewind_needed = True
+            self._invalidate()
             return True
         try:
             self._produce(batch, outputs)
@@ -637,7 +689,7 @@ class TransactionalLoop:
 
         class Listener(ConsumerRebalanceListener):
             def on_partitions_revoked(self, revoked):
-                loop_self.generation += 1  # in-flight batches of the old generation are dropped
+                loop_self._invalidate(rewind=False)  # in-flight batches of the old generation are dropped
                 forget_lag(loop_self.stage, revoked)
                 if revoked:
                     log.info("%s: revoked %s (%s)", loop_self.stage, _partitions(revoked), loop_self._membership())
@@ -651,7 +703,7 @@ class TransactionalLoop:
                 # kafka-python keeps the position of a partition that comes back in an eager rebalance;
                 # another member may have committed past it in a generation this one missed. So a new
                 # assignment is a new generation too: the loop rewinds to the committed offsets.
-                loop_self.generation += 1
+                loop_self._invalidate(rewind=False)
                 log.info("%s: assigned %s (%s)", loop_self.stage, _partitions(assigned) or "nothing",
                          loop_self._membership())
 

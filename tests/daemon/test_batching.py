@@ -87,3 +87,68 @@ def test_a_backlog_is_committed_in_growing_batches_and_a_trickle_in_small_ones(b
     values = collections.Counter(read_all(bootstrap, dst))
     expected = {f"p{p}-{i}".encode() for p in (0, 1) for i in range(3000)} | {f"t-{i}".encode() for i in range(12)}
     assert set(values) == expected and max(values.values()) == 1  # exactly once, whatever the batch sizes
+
+
+@pytest.mark.kafka
+def test_a_batch_is_committed_when_its_transform_is_done_not_when_the_next_poll_closes(bootstrap, names,
+                                                                                       create_topics):
+    """Latency: the commit of a transformed batch never waits out the next batch's `max_wait_ms`."""
+    src, dst = names.topic("src"), names.topic("dst")
+    create_topics({src: 1, dst: 1})
+    fill(bootstrap, src, {0: 1})
+    # Batches of one record close as soon as it is read; the next poll then waits 4 s for input.
+    config = loop_config(bootstrap, names, batch={"base_batch_docs": 1, "max_batch_docs": 1, "max_wait_ms": 4000})
+    transformed_at, committed_at = [], []
+    copy = copy_transform(dst)
+
+    def transform(records):
+        outputs = copy(records)
+        transformed_at.append(time.monotonic())
+        return outputs
+
+    loop = TransactionalLoop("score", config, src, transform,
+                             on_commit=lambda batch, outputs: committed_at.append(time.monotonic()))
+    run_loop_until(loop, lambda: bool(committed_at), timeout_s=60)
+    assert committed_at, "the record was never committed"
+    held_s = committed_at[0] - transformed_at[0]
+    assert held_s < 2.0, f"the transformed batch waited {held_s:.1f} s for its commit (the next poll's 4 s wait)"
+    assert read_all(bootstrap, dst) == [b"p0-0"]
+
+
+@pytest.mark.kafka
+def test_records_that_arrive_while_a_batch_is_transformed_join_the_next_batch(bootstrap, names, create_topics):
+    """Latency under load: the next batch stays open until the worker is free, so a record that arrives
+    during a long transform waits for that transform only, never for one more batch after it."""
+    src, dst = names.topic("src"), names.topic("dst")
+    create_topics({src: 1, dst: 1})
+    config = loop_config(bootstrap, names, batch={"max_wait_ms": 1000})
+    copy = copy_transform(dst)
+    slow_started = threading.Event()
+    batches: list[list[bytes]] = []
+
+    def transform(records):
+        if records[0].value == b"a":
+            slow_started.set()
+            time.sleep(4.0)  # the model's time for this batch: longer than max_wait_ms
+        return copy(records)
+
+    def on_commit(batch, outputs) -> None:
+        batches.append([r.value for r in batch.records])
+
+    loop = TransactionalLoop("score", config, src, transform, on_commit=on_commit)
+    producer = KafkaProducer(bootstrap_servers=bootstrap)
+
+    def feed() -> None:
+        producer.send(src, value=b"a").get(timeout=30)
+        assert slow_started.wait(60)
+        producer.send(src, value=b"b").get(timeout=30)  # inside the next poll's max_wait_ms
+        time.sleep(2.0)
+        producer.send(src, value=b"c").get(timeout=30)  # after it, while "a" is still transformed
+
+    feeder = threading.Thread(target=feed, daemon=True)
+    feeder.start()
+    run_loop_until(loop, lambda: sum(map(len, batches)) >= 3, timeout_s=60)
+    feeder.join(10)
+    producer.close()
+    assert batches == [[b"a"], [b"b", b"c"]], f"batches committed: {batches}"
+    assert sorted(read_all(bootstrap, dst)) == [b"a", b"b", b"c"]
