@@ -374,6 +374,7 @@ class TransactionalLoop:
         started = time.perf_counter()
         outputs, failures = self._isolate(records, top=True)
         self.sizer.last_transform_s = time.perf_counter() - started
+        metrics.TRANSFORM_SECONDS.labels(self.stage).observe(self.sizer.last_transform_s)
         if len(failures) == len(records) and self._canary is not None and self._canary_fails():
             raise StageFailure(f"every record of a batch of {len(records)} failed, and so does one that passed "
                                f"before ({failures[-1]})")

@@ -43,6 +43,9 @@ BATCH_DOCUMENTS = Histogram(
 INFERENCE_SECONDS = Histogram(
     "streamfilter_inference_seconds", "Model inference time per micro-batch.", ["model"], registry=REGISTRY,
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+TRANSFORM_SECONDS = Histogram(
+    "streamfilter_transform_seconds", "Time a micro-batch's transform took (decoding, the models or the policy, "
+    "encoding).", ["stage"], registry=REGISTRY, buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
 BATCH_SECONDS = Histogram(
     "streamfilter_batch_seconds", "Time from a micro-batch's poll to its transaction's commit.", ["stage"],
     registry=REGISTRY, buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))

@@ -9,6 +9,8 @@ length buckets, right padding, and the rows put back in input order.
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, ClassVar, Self, Sequence
@@ -29,6 +31,57 @@ DEFAULT_MAX_TOKENS = 512
 # time (bench/RESULTS.md, "Inference workers"; more workers than two were not measured).
 CPU_BATCH_VALUES = 2048 * 512
 UNKNOWN_WIDTH = 1024  # a manifest that does not give the width (d_model or dim)
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}  # worker count -> the process's inference workers
+_POOLS_LOCK = threading.Lock()
+_CALLERS: ThreadPoolExecutor | None = None  # runs `run_side_by_side`'s calls past the first
+
+
+def inference_pool(workers: int) -> ThreadPoolExecutor:
+    """The process's inference workers for models that run `workers` batches at once: one pool per
+    worker count, shared by every such model, so that models called at the same time (the score
+    stage's Ask-LLM scorer and embedder, see `run_side_by_side`) take turns on the same cores
+    instead of running twice as many threads as there are cores."""
+    with _POOLS_LOCK:
+        if workers not in _POOLS:
+            _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix=f"sf-infer-{workers}w")
+        return _POOLS[workers]
+
+
+def run_side_by_side(calls: dict[str, Callable[[], Any]]) -> tuple[dict[str, Any], dict[str, float]]:
+    """Run model calls at once, the first on this thread and the others on helper threads: each call's
+    result and wall seconds, by name. Models that share `inference_pool` then keep every worker busy,
+    one call's batches filling the gaps that another's longest batch leaves (bench/RESULTS.md,
+    "Latency at a steady load"). If a call raises, this waits for the others, then raises the first
+    error in the calls' order."""
+    global _CALLERS
+    names = list(calls)
+    helpers = {}
+    if len(names) > 1:
+        with _POOLS_LOCK:
+            if _CALLERS is None:
+                _CALLERS = ThreadPoolExecutor(4, thread_name_prefix="sf-models")
+        helpers = {name: _CALLERS.submit(_timed, calls[name]) for name in names[1:]}
+    settled = {names[0]: _settle(_timed, calls[names[0]])}
+    settled.update({name: _settle(future.result) for name, future in helpers.items()})
+    for name in names:  # every call has finished: raise the first error, if any
+        if settled[name][1] is not None:
+            raise settled[name][1]
+    return ({name: settled[name][0][0] for name in names}, {name: settled[name][0][1] for name in names})
+
+
+def _timed(call: Callable[[], Any]) -> tuple[Any, float]:
+    started = time.perf_counter()
+    return call(), time.perf_counter() - started
+
+
+def _settle(fn: Callable, *args) -> tuple[Any, Exception | None]:
+    """(fn(*args), None), or (None, the exception it raised)."""
+    try:
+        return fn(*args), None
+    except Exception as exc:  # noqa: BLE001 - raised by the caller once every call has finished
+        return None, exc
 
 
 def cpu_batch_tokens(manifest: Manifest, workers: int = 1) -> int:
@@ -63,8 +116,6 @@ class OnnxTextModel:
         self.batch_tokens: int = cpu_batch_tokens(manifest) if session.device == "cpu" else 0
         # inference batches run at once, each by one thread on the one session (`runtime.thread_layout`)
         self.workers: int = 1
-        self._pool: ThreadPoolExecutor | None = None
-        self._pool_lock = threading.Lock()
 
     @classmethod
     def load(cls, model_dir: str | Path, *, variant: str | None = None, providers: Sequence[str] | None = None,
@@ -151,7 +202,7 @@ class OnnxTextModel:
         # the costliest (padded tokens) first: the last to start are the cheapest, so the workers
         # finish close together (each batch is sorted by length: its last document is its longest)
         batches.sort(key=lambda batch: -len(batch) * lengths[batch[-1]])
-        pool = self._worker_pool()
+        pool = inference_pool(self.workers)
         futures = [pool.submit(self._run_batch, ids, batch, out) for batch in batches]
         wait(futures)
         for future in futures:
@@ -163,9 +214,3 @@ class OnnxTextModel:
         input_ids, mask = pad_batch([ids[i] for i in batch], self.pad_token_id)
         for array, rows in zip(out, self.session.run({"input_ids": input_ids, "attention_mask": mask}), strict=True):
             array[batch] = rows
-
-    def _worker_pool(self) -> ThreadPoolExecutor:
-        with self._pool_lock:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix=f"sf-infer-{self.KIND}")
-            return self._pool

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 
 import numpy as np
 
@@ -108,22 +107,22 @@ class ScoreTransform:
         return outputs
 
     def _infer(self, texts: list[str]):
-        """P(yes) [n], embeddings [n, dim] and mean NLLs (or None) [n] of a batch of texts."""
+        """P(yes) [n], embeddings [n, dim] and mean NLLs (or None) [n] of a batch of texts. The models
+        run side by side on the process's shared inference workers (`models.run_side_by_side`)."""
+        from streamfilter.models.base import run_side_by_side
+
         batch = self.models.inference_batch_docs
+        calls = {"askllm": lambda: self.scorer.score(texts, batch_size=batch),
+                 "embedder": lambda: self.embedder.embed(texts, batch_size=batch)}
+        if self.perplexity is not None:
+            calls["perplexity"] = lambda: self.perplexity.mean_nll(texts, batch_size=batch)
         try:
-            t0 = time.perf_counter()
-            scores = self.scorer.score(texts, batch_size=batch)
-            metrics.INFERENCE_SECONDS.labels("askllm").observe(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            embeddings = self.embedder.embed(texts, batch_size=batch)
-            metrics.INFERENCE_SECONDS.labels("embedder").observe(time.perf_counter() - t0)
-            if self.perplexity is None:
-                return scores, embeddings, [None] * len(texts)
-            t0 = time.perf_counter()
-            nll = self.perplexity.mean_nll(texts, batch_size=batch)
-            metrics.INFERENCE_SECONDS.labels("perplexity").observe(time.perf_counter() - t0)
-            return scores, embeddings, nll.tolist()
+            results, seconds = run_side_by_side(calls)
         except InvalidDocument:
             raise
         except Exception as exc:  # noqa: BLE001 - a model, tokenizer or runtime error on some document
             raise InvalidDocument("model_error", f"{type(exc).__name__}: {exc}") from exc
+        for model, took_s in seconds.items():
+            metrics.INFERENCE_SECONDS.labels(model).observe(took_s)
+        nll = results.get("perplexity")
+        return results["askllm"], results["embedder"], [None] * len(texts) if nll is None else nll.tolist()

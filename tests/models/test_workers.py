@@ -87,7 +87,7 @@ def test_two_workers_run_batches_at_once_and_score_as_one(test_models, sample_te
     got = two.score(sample_texts, batch_size=4)
     np.testing.assert_allclose(got, expected, atol=1e-5)  # row order kept, whatever order batches finish in
     assert watch.most == 2
-    assert len(watch.threads) == 2 and all(name.startswith("sf-infer-askllm") for name in watch.threads)
+    assert len(watch.threads) == 2 and all(name.startswith("sf-infer-2w") for name in watch.threads)
 
 
 def test_a_small_call_is_cut_so_that_every_worker_has_a_batch(test_models, sample_texts):
@@ -132,3 +132,96 @@ def test_batches_running_at_once_share_the_cpu_token_limit():
     flan_t5_small, sentence_t5_base = SimpleNamespace(config={"d_model": 512}), SimpleNamespace(config={"dim": 768})
     assert [cpu_batch_tokens(flan_t5_small, w) for w in (1, 2, 4, 64)] == [2048, 1024, 512, 256]
     assert [cpu_batch_tokens(sentence_t5_base, w) for w in (1, 2)] == [1280, 512]
+
+
+class SharedWatch:
+    """Wraps the session.run of several models: how many batches ran at once over all of them, and
+    whether batches of different models ran at the same time."""
+
+    def __init__(self, *models, hold_s: float = 0.05):
+        self.lock = threading.Lock()
+        self.running: dict[str, int] = {}
+        self.most = 0
+        self.mixed = False  # batches of two models ran at once
+        for model in models:
+            self._wrap(model, hold_s)
+
+    def _wrap(self, model, hold_s: float) -> None:
+        run, kind = model.session.run, model.KIND
+
+        def watched(feeds):
+            with self.lock:
+                self.running[kind] = self.running.get(kind, 0) + 1
+                self.most = max(self.most, sum(self.running.values()))
+                self.mixed |= sum(1 for n in self.running.values() if n) > 1
+            try:
+                time.sleep(hold_s)
+                return run(feeds)
+            finally:
+                with self.lock:
+                    self.running[kind] -= 1
+
+        model.session.run = watched
+
+
+def test_models_called_side_by_side_share_the_workers_and_give_the_same_results(test_models, sample_texts):
+    from streamfilter.models.base import run_side_by_side
+
+    scorer = AskLLMScorer.load(test_models.askllm, variant="fp32", workers=2, intra_op_threads=1)
+    embedder = SentenceEmbedder.load(test_models.minilm, variant="fp32", workers=2, intra_op_threads=1)
+    expected = scorer.score(sample_texts, batch_size=2), embedder.embed(sample_texts, batch_size=2)
+    watch = SharedWatch(scorer, embedder)
+    results, seconds = run_side_by_side({"askllm": lambda: scorer.score(sample_texts, batch_size=2),
+                                         "embedder": lambda: embedder.embed(sample_texts, batch_size=2)})
+    np.testing.assert_allclose(results["askllm"], expected[0], atol=1e-5)
+    np.testing.assert_allclose(results["embedder"], expected[1], atol=1e-5)
+    assert watch.mixed, "the two models' batches never ran at the same time"
+    assert watch.most == 2, f"{watch.most} batches ran at once on two workers"  # one pool for both models
+    assert set(seconds) == {"askllm", "embedder"} and all(s > 0 for s in seconds.values())
+
+
+def test_an_error_in_one_call_is_raised_after_the_others_finish():
+    from streamfilter.models.base import run_side_by_side
+
+    finished = threading.Event()
+
+    def slow():
+        time.sleep(0.3)
+        finished.set()
+        return 1
+
+    def broken():
+        raise RuntimeError("onnxruntime: a kernel failed")
+
+    with pytest.raises(RuntimeError, match="a kernel failed"):
+        run_side_by_side({"broken": broken, "slow": slow})
+    assert finished.is_set()  # nothing still runs once the error is raised
+    with pytest.raises(RuntimeError, match="a kernel failed"):
+        run_side_by_side({"slow": slow, "broken": broken})
+    assert run_side_by_side({"one": lambda: 7})[0] == {"one": 7}
+
+
+def test_the_score_stage_runs_its_models_side_by_side():
+    from streamfilter.stages.score import ScoreTransform
+
+    spans: dict[str, tuple[float, float]] = {}
+
+    class Slow:
+        def __init__(self, name, result):
+            self.name, self.result, self.model_id = name, result, f"{name}@1"
+
+        def _run(self, texts):
+            started = time.perf_counter()
+            time.sleep(0.3)
+            spans[self.name] = (started, time.perf_counter())
+            return self.result(len(texts))
+
+        score = embed = lambda self, texts, batch_size=32: self._run(texts)
+
+    stage = ScoreTransform.from_config(load_config(env={}, overrides=[]),
+                                       scorer=Slow("askllm", lambda n: np.full(n, 0.5, dtype=np.float32)),
+                                       embedder=Slow("embedder", lambda n: np.ones((n, 4), dtype=np.float32)))
+    scores, embeddings, _ = stage._infer(["a text", "another text"])
+    assert scores.shape == (2,) and embeddings.shape == (2, 4)
+    (a0, a1), (e0, e1) = spans["askllm"], spans["embedder"]
+    assert a0 < e1 and e0 < a1, f"the models ran one after the other: {spans}"
