@@ -71,11 +71,12 @@ from streamfilter.broker import KafkaBroker, free_port  # noqa: E402
 
 def bare(askllm: Path, embedder: Path, texts: list[str], variant: str, batch: int, threads: int,
          chunk: int = 0, workers: int = 0) -> tuple[float, float]:
-    """(docs/s, CPU seconds per document) of the scorers alone; `chunk` > 0 calls them on that many
-    documents at a time, as the score stage does per micro-batch (each call sorts its documents by
-    length into inference batches, so larger calls pad less). `workers` and `threads` as the
-    daemon's `models.inference_workers` and `models.intra_op_threads` (0: chosen)."""
+    """(docs/s, CPU seconds per document) of the scorers alone, run side by side as the score stage runs them;
+    `chunk` > 0 calls them on that many documents at a time, as the score stage does per micro-batch (each
+    call sorts its documents by length into inference batches, so larger calls pad less). `workers` and
+    `threads` as the daemon's `models.inference_workers` and `models.intra_op_threads` (0: chosen)."""
     from streamfilter.models import AskLLMScorer, SentenceEmbedder
+    from streamfilter.models.base import run_side_by_side
 
     layout = {"intra_op_threads": threads or None, "workers": workers or None}
     scorer = AskLLMScorer.load(askllm, variant=variant, **layout)
@@ -85,8 +86,9 @@ def bare(askllm: Path, embedder: Path, texts: list[str], variant: str, batch: in
     t0, c0 = time.perf_counter(), time.process_time()
     for i in range(0, len(texts), chunk or len(texts)):
         part = texts[i:i + (chunk or len(texts))]
-        scorer.score(part, batch_size=batch)
-        emb.embed(part, batch_size=batch)
+        # side by side on the shared inference workers, as the score stage runs them
+        run_side_by_side({"askllm": lambda: scorer.score(part, batch_size=batch),
+                          "embedder": lambda: emb.embed(part, batch_size=batch)})
     return len(texts) / (time.perf_counter() - t0), (time.process_time() - c0) / len(texts)
 
 
@@ -110,6 +112,11 @@ class RunResult:
     thread_cpu_s: dict = field(default_factory=dict)  # thread id -> (CPU seconds, wake-ups/s) while the documents flowed
     broker_cpu_s: float = float("nan")  # the broker's CPU seconds while the documents flowed (same cores)
     inference_s: float = float("nan")  # wall seconds inside the models (score stage), from /metrics
+    # per warm document, seconds: produce -> scored record sent (the score stage's wait and transform),
+    # scored sent -> decision sent (score commit, the route's poll and transform), decision sent -> read
+    # committed (the route's commit and the bench's poll); from the records' CreateTime stamps
+    split_s: np.ndarray = field(default_factory=lambda: np.empty((0, 3)))
+    split_produced_at: np.ndarray = field(default_factory=lambda: np.empty(0))  # their produce calls (time.time())
 
 
 def listener_pid(bootstrap: str) -> int | None:
@@ -168,12 +175,33 @@ def thread_names(py_spy_raw: Path) -> dict[int, str]:
     return names
 
 
+def record_times(bootstrap: str, topic: str, n: int, timeout_s: float = 60) -> dict[bytes, float]:
+    """key -> CreateTime (seconds) of the first `n` committed records of a topic (read after the run)."""
+    from kafka import KafkaConsumer
+
+    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, isolation_level="read_committed",
+                             auto_offset_reset="earliest", enable_auto_commit=False)
+    times: dict[bytes, float] = {}
+    deadline = time.monotonic() + timeout_s
+    while len(times) < n and time.monotonic() < deadline:
+        for records in consumer.poll(timeout_ms=200).values():
+            for r in records:
+                times.setdefault(r.key, r.timestamp / 1000)
+    consumer.close()
+    return times
+
+
 def scrape(port: int) -> str:
     return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
 
 
 def inference_seconds(text: str) -> float:
-    """The score stage's wall seconds inside the models (`streamfilter_inference_seconds`, all models)."""
+    """The score stage's wall seconds in its transforms (`streamfilter_transform_seconds`: the models, which run
+    side by side, plus decoding and encoding the records); from a daemon older than that metric, the sum of
+    `streamfilter_inference_seconds` over the models (which ran one after the other then)."""
+    found = re.search(r'^streamfilter_transform_seconds_sum{stage="score"} (\S+)$', text, re.M)
+    if found:
+        return float(found.group(1))
     return sum(float(v) for v in re.findall(r'^streamfilter_inference_seconds_sum{model="\w+"} (\S+)$', text, re.M))
 
 
@@ -205,7 +233,7 @@ def end_to_end(bootstrap: str, askllm: Path, embedder: Path, texts: list[str], v
         "[models]", f'askllm = "{askllm}"', f'embedder = "{embedder}"', f'variant = "{variant}"',
         f"inference_batch_docs = {batch}", f"intra_op_threads = {threads}",
         f"inference_workers = {workers}",
-        "[batch]", f"max_batch_docs = {batch * 4}", "max_wait_ms = 200",
+        "[batch]", f"max_batch_docs = {batch * 4}",  # max_wait_ms: the daemon's default (20; 200 before 2026-12-07)
         "[sketch]", "rows = 1000", "buckets = 20000", f'snapshot_dir = "{workdir / "snapshots"}"',
         f"snapshot_interval_s = {interval_s}",  # the default 30: a snapshot (80 MB at R=1000, B=20000) is not free
         "[policy]", 'name = "askllm+density"', "keep_rate = 0.3", "quality_keep = 0.6",
@@ -241,6 +269,7 @@ def end_to_end(bootstrap: str, askllm: Path, embedder: Path, texts: list[str], v
         while not consumer.assignment():
             consumer.poll(timeout_ms=100)
         sent_at: dict[bytes, float] = {}
+        sent_wall: dict[bytes, float] = {}  # the same instants on the clock of the records' CreateTime
         producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=10 if rate <= 0 else 0)
 
         def produce() -> None:
@@ -252,6 +281,7 @@ def end_to_end(bootstrap: str, askllm: Path, embedder: Path, texts: list[str], v
                         time.sleep(delay)
                 key = f"d{i}".encode()
                 sent_at[key] = time.perf_counter()
+                sent_wall[key] = time.time()
                 producer.send(topics["raw"], key=key, value=msgpack.packb({"id": f"d{i}", "text": text}))
             producer.flush()
 
@@ -262,10 +292,12 @@ def end_to_end(bootstrap: str, askllm: Path, embedder: Path, texts: list[str], v
         sender = threading.Thread(target=produce)
         sender.start()
         decided_at: dict[bytes, float] = {}
+        decided_wall: dict[bytes, float] = {}
+        decision_sent: dict[bytes, float] = {}
         first_scored = None
         while len(decided_at) < len(texts):
             polled = consumer.poll(timeout_ms=100)
-            now = time.perf_counter()
+            now, now_wall = time.perf_counter(), time.time()
             for tp, records in polled.items():
                 if tp.topic == topics["scored"]:
                     # Only the first scored record's time is needed: stop fetching the topic, so that the
@@ -274,7 +306,8 @@ def end_to_end(bootstrap: str, askllm: Path, embedder: Path, texts: list[str], v
                     consumer.pause(*[p for p in consumer.assignment() if p.topic == topics["scored"]])
                     continue
                 for r in records:
-                    decided_at.setdefault(r.key, now)
+                    if r.key not in decided_at:
+                        decided_at[r.key], decided_wall[r.key], decision_sent[r.key] = now, now_wall, r.timestamp / 1000
             if proc.poll() is not None:
                 raise RuntimeError("the daemon exited; see " + str(workdir / "daemon.log"))
         elapsed = time.perf_counter() - t0
@@ -289,6 +322,11 @@ def end_to_end(bootstrap: str, askllm: Path, embedder: Path, texts: list[str], v
         status = Path(f"/proc/{proc.pid}/status").read_text()
         peak_kb = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM")))
         text = scrape(port)
+        scored_sent = record_times(bootstrap, topics["scored"], len(texts))
+        first = min(decided_at.values())
+        warm = [k for k in decided_at if sent_at[k] > first and k in scored_sent]
+        split = np.array([(scored_sent[k] - sent_wall[k], decision_sent[k] - scored_sent[k],
+                           decided_wall[k] - decision_sent[k]) for k in warm]).reshape(-1, 3)
         snapshots = re.search(r"^streamfilter_snapshots_written_total (\S+)$", text, re.M)
         return RunResult(
             docs_per_s=len(texts) / elapsed, cpu_per_doc=cpu_per_doc, peak_kb=peak_kb, broker_cpu_s=broker_cpu,
@@ -299,6 +337,7 @@ def end_to_end(bootstrap: str, askllm: Path, embedder: Path, texts: list[str], v
             batch_seconds=histogram_means(text, "streamfilter_batch_seconds"),
             batch_docs=histogram_means(text, "streamfilter_batch_documents"),
             snapshots=int(float(snapshots.group(1))) if snapshots else 0, inference_s=inference_seconds(text),
+            split_s=split, split_produced_at=np.array([sent_wall[k] for k in warm]),
             thread_cpu_s={t: (c - threads0.get(t, (0.0, 0))[0], (w - threads0.get(t, (0.0, 0))[1]) / elapsed)
                           for t, (c, w) in threads1.items()})
     finally:
@@ -400,7 +439,9 @@ def main() -> None:
                       "batch_docs": {k: round(v, 1) for k, v in res.batch_docs.items()},
                       "first_decision_after_first_scored_s": round(res.first_decision_s, 2),
                       "snapshots_written": res.snapshots, "peak_rss_mib": round(res.peak_kb / 1024),
-                      "broker_cpu_s": round(res.broker_cpu_s, 2), "inference_s": round(res.inference_s, 2)}))
+                      "broker_cpu_s": round(res.broker_cpu_s, 2), "inference_s": round(res.inference_s, 2),
+                      "warm_split_median_s": [round(float(v), 3) for v in np.median(res.split_s, axis=0)]
+                      if len(res.split_s) else []}))
     print(f"bare scorers (flan-t5-small + sentence-t5-base): {bare_rate:.1f} and {bare_rate2:.1f} docs/s "
           "(before and after the daemon run)")
     print(f"streamfilter run end to end:                     {res.docs_per_s:.1f} docs/s"
@@ -420,6 +461,14 @@ def main() -> None:
     print(f"latency of the documents produced after the first decision (warm, "
           f"{int(np.isfinite(res.steady_latencies_s).sum())} documents): p50 {s50:.2f} s, p99 {s99:.2f} s; "
           f"p99 / score micro-batch {s99 / score_batch:.1f} (goal <= 3 in steady state, with --rate)")
+    if len(res.split_s):
+        # Where a warm document's time goes, for the typical one and for the slowest 1%.
+        total_s = res.split_s.sum(axis=1)
+        slow = res.split_s[total_s >= np.percentile(total_s, 99)]
+        typical = np.median(res.split_s, axis=0)
+        print("warm latency split, score (wait + transform) / score commit + route / route commit + read: median "
+              + " / ".join(f"{v:.2f}" for v in typical) + f" s; the slowest 1% ({len(slow)} documents), mean "
+              + " / ".join(f"{v:.2f}" for v in slow.mean(axis=0)) + " s")
     print(f"first decision {res.first_decision_s:.2f} s after the first scored record (goal <= 5); "
           f"{res.snapshots} snapshots written")
     if args.bare_chunks:
