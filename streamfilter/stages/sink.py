@@ -180,7 +180,7 @@ class ShardSink:
 
     def step(self) -> None:
         """One poll: add the records to their partitions' shards, write the shards that are due."""
-        polled = self.consumer.poll(timeout_ms=min(self.config.batch.max_wait_ms, 500) or 100,
+        polled = self.consumer.poll(timeout_ms=max(200, min(self.config.batch.max_wait_ms, 500)),
                                     max_records=self.config.batch.max_batch_docs)
         count = 0
         for tp, records in polled.items():

@@ -153,7 +153,7 @@ class SketchAggregator:
         self._connect()
 
     def _poll_and_count(self) -> None:
-        polled = self.consumer.poll(timeout_ms=min(self.config.batch.max_wait_ms, 500) or 100,
+        polled = self.consumer.poll(timeout_ms=max(200, min(self.config.batch.max_wait_ms, 500)),
                                     max_records=self.config.batch.max_batch_docs)
         records = [r for part in polled.values() for r in part]
         if records:
