@@ -77,6 +77,7 @@ def record_size(value: bytes, key: bytes | None, headers) -> int:
 def new_consumer(config: Config, group: str | None, **overrides):
     from kafka import KafkaConsumer
 
+    finish_joins_done_between_polls()
     settings = dict(
         group_id=group,
         isolation_level="read_committed",
@@ -93,6 +94,53 @@ def new_consumer(config: Config, group: str | None, **overrides):
     )
     settings.update(overrides)
     return KafkaConsumer(**settings)
+
+
+def finish_joins_done_between_polls() -> None:
+    """Make kafka-python's group join finish when it completed after the poll that started it.
+
+    kafka-python 3.0.12 runs JoinGroup and SyncGroup as a background task and finishes the join
+    (assignment, rebalance listener, heartbeats back on) only in a poll that waits for the task.
+    A poll that gives up first leaves the task to complete alone; the next poll then either
+    replaces the completed task with a new JoinGroup (one more rebalance) or, when the rebalance was
+    the leader's own after its topic's partitions changed, skips the join altogether, because the
+    new assignment already matches the metadata and `need_rejoin()` says False: the member keeps no
+    partitions and sends no heartbeats until the stage's stall watch replaces it (12 s at best).
+    Every leader starts with such a rebalance, and adding partitions makes another. So, as the Java
+    client does with its join future, a join task in flight or done counts as a rejoin needed, and
+    one found done is finished first (a failed one is tried again). Idempotent; the internals it uses are checked in tests/test_kafka_clients.py and
+    the fault it fixes is reproduced in tests/daemon/test_group_rejoin.py."""
+    from kafka.coordinator.base import BaseCoordinator
+    from kafka.structs import MemberState
+
+    original = BaseCoordinator.join_group_async
+    if getattr(original, "finishes_done_joins", False):
+        return
+    needs_join = BaseCoordinator.need_rejoin
+
+    def need_rejoin(self):
+        # a join in flight or done and not finished yet: the consumer's poll must go on with it
+        return needs_join(self) or self._join_task is not None
+
+    async def join_group_async(self, timeout_ms=None):
+        task = self._join_task
+        if task is not None and task.is_done:
+            self._join_task = None
+            if task.succeeded():  # what kafka-python does when it sees the task complete itself
+                with self._lock:
+                    self.rejoining = False
+                    self.rejoin_needed = False
+                    self.state = MemberState.STABLE
+                    self._enable_heartbeat()
+                gen = self._generation
+                await self._on_join_complete_async(gen.generation_id, gen.member_id, gen.protocol, task.value)
+                return True
+            self.request_rejoin()  # a failed attempt: the join loop makes a new one
+        return await original(self, timeout_ms)
+
+    join_group_async.finishes_done_joins = True
+    BaseCoordinator.need_rejoin = need_rejoin
+    BaseCoordinator.join_group_async = join_group_async
 
 
 def close_quietly(consumer) -> None:

@@ -722,16 +722,18 @@ class TransactionalLoop:
             self._rewind()
         elif self.consumer is None:
             consumer = new_consumer(self.config, self.group)
-            # Join with the topic's metadata in hand: a group joined before it has the partitions
-            # can be handed an empty assignment that kafka-python does not always revisit.
+            consumer.subscribe([self.input_topic], listener=Listener())
+            # Join with the topic's metadata in hand, fetched after subscribing so that the group
+            # coordinator sees it too: a leader that assigns before then assigns no partitions (or
+            # kafka-python does not revisit them) and rebalances again at once, aborting the
+            # transaction it has in flight (tests/daemon/test_group_rejoin.py).
             deadline = time.monotonic() + 30
-            while not consumer.partitions_for_topic(self.input_topic):
+            while self.input_topic not in consumer.topics() or not consumer.partitions_for_topic(self.input_topic):
                 if time.monotonic() > deadline:
                     consumer.close()
                     raise RuntimeError(f"topic {self.input_topic} has no partitions (does it exist?)")
                 time.sleep(0.5)
             self.consumer = consumer
-            self.consumer.subscribe([self.input_topic], listener=Listener())
 
     def _membership(self) -> str:
         """The consumer's group generation and member id, for log lines."""

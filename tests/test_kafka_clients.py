@@ -71,3 +71,27 @@ def test_the_kafka_python_internals_the_layer_relies_on_exist():
         assert callable(getattr(TransactionManager, method))
     assert "timeout_ms" in TransactionalRequestResult.wait.__code__.co_varnames
     assert {"_transaction_manager", "_sender"} <= set(KafkaProducer.__init__.__code__.co_names)
+
+
+def test_the_kafka_python_group_join_internals_the_consumer_patch_relies_on_exist():
+    """`finish_joins_done_between_polls` replaces two coordinator methods and repeats what kafka-python
+    does when a join completes: an upgrade that changes these fails here (tests/daemon/test_group_rejoin.py
+    shows the fault it fixes)."""
+    import inspect
+
+    from kafka.coordinator.base import BaseCoordinator
+    from kafka.coordinator.consumer import ConsumerCoordinator
+    from kafka.structs import MemberState
+
+    from streamfilter.kafka_clients import finish_joins_done_between_polls
+
+    finish_joins_done_between_polls()
+    assert BaseCoordinator.join_group_async.finishes_done_joins
+    original = inspect.getsource(inspect.getmodule(BaseCoordinator))
+    # the success path our patch repeats, and the task it reads
+    for line in ("self.rejoining = False", "self.rejoin_needed = False", "self.state = MemberState.STABLE",
+                 "self._enable_heartbeat()", "self._join_task = self._manager.call_soon(self._do_join_and_sync_async)"):
+        assert line in original, line
+    assert "super().need_rejoin()" in inspect.getsource(ConsumerCoordinator.need_rejoin)
+    assert inspect.iscoroutinefunction(ConsumerCoordinator._on_join_complete_async)
+    assert MemberState.STABLE

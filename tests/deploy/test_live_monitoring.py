@@ -141,7 +141,25 @@ def test_healthy_run_fires_only_the_dlq_alert(live):
     for name in ("StreamfilterScrapeDown", "StreamfilterNoProgress", "StreamfilterConsumerLagGrowing",
                  "StreamfilterTransactionsAborting", "StreamfilterBrokerDisconnected", "StreamfilterSnapshotStale",
                  "StreamfilterAcceptRateDrift", "StreamfilterRecordsQuarantined", "StreamfilterBatchRetriesHigh"):
-        assert not p.fired(name, live.start, time.time()), f"{name} fired on a healthy run"
+        fired = p.fired(name, live.start, time.time())
+        assert not fired, f"{name} fired on a healthy run:\n" + "\n".join(
+            _what_the_stage_did(p, alert, live.start) for alert in fired)
+
+
+def _what_the_stage_did(p, alert: dict, start: float) -> str:
+    """A fired alert's stage, when it fired, and that stage's lag and handled count second by second
+    (seconds since the daemon started): enough to tell a slow start from a stall."""
+    stage = alert.get("stage", "")
+
+    def timeline(expr: str) -> str:
+        series = p.query_range(expr, start, time.time())
+        return " ".join(f"{float(t) - start:.0f}s:{float(v):g}" for t, v in series[0]["values"]) if series else "none"
+
+    where = 'stage="%s"' % stage
+    firing = timeline('count(ALERTS{alertname="%s", alertstate="firing", %s})' % (alert["alertname"], where))
+    lag = timeline("sum(streamfilter_consumer_lag_records{%s})" % where)
+    handled = timeline("sum(streamfilter_documents_total{%s})" % where)
+    return f"  stage {stage!r} firing at: {firing}\n    lag: {lag}\n    handled: {handled}"
 
 
 def test_no_progress_fires_when_an_open_transaction_blocks_the_input(live):
