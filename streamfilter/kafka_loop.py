@@ -225,7 +225,7 @@ class StageFailure(Exception):
 
 
 WORK_WAIT_S = 0.02  # how often a batch that waits for the work thread takes in what arrived meanwhile
-IDLE_POLL_S = 0.2  # the longest an idle stage's poll blocks before it returns an empty batch
+IDLE_POLL_S = 0.2  # the longest an idle stage's poll blocks (a record ends it at once); sketch and sink too
 
 
 class TransactionalLoop:

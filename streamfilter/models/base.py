@@ -35,7 +35,7 @@ UNKNOWN_WIDTH = 1024  # a manifest that does not give the width (d_model or dim)
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}  # worker count -> the process's inference workers
 _POOLS_LOCK = threading.Lock()
-_CALLERS: ThreadPoolExecutor | None = None  # runs `run_side_by_side`'s calls past the first
+_CALLERS: ThreadPoolExecutor | None = None  # runs `run_side_by_side`'s calls
 
 
 def inference_pool(workers: int) -> ThreadPoolExecutor:
@@ -50,38 +50,23 @@ def inference_pool(workers: int) -> ThreadPoolExecutor:
 
 
 def run_side_by_side(calls: dict[str, Callable[[], Any]]) -> tuple[dict[str, Any], dict[str, float]]:
-    """Run model calls at once, the first on this thread and the others on helper threads: each call's
-    result and wall seconds, by name. Models that share `inference_pool` then keep every worker busy,
-    one call's batches filling the gaps that another's longest batch leaves (bench/RESULTS.md,
-    "Latency at a steady load"). If a call raises, this waits for the others, then raises the first
-    error in the calls' order."""
+    """Run model calls at once, each on a helper thread: each call's result and wall seconds, by name.
+    Models that share `inference_pool` then keep every worker busy, one call's batches filling the
+    gaps that another's longest batch leaves (bench/RESULTS.md, "Latency at a steady load"). If a
+    call raises, this waits for the others, then raises the first error in the calls' order."""
     global _CALLERS
-    names = list(calls)
-    helpers = {}
-    if len(names) > 1:
-        with _POOLS_LOCK:
-            if _CALLERS is None:
-                _CALLERS = ThreadPoolExecutor(4, thread_name_prefix="sf-models")
-        helpers = {name: _CALLERS.submit(_timed, calls[name]) for name in names[1:]}
-    settled = {names[0]: _settle(_timed, calls[names[0]])}
-    settled.update({name: _settle(future.result) for name, future in helpers.items()})
-    for name in names:  # every call has finished: raise the first error, if any
-        if settled[name][1] is not None:
-            raise settled[name][1]
-    return ({name: settled[name][0][0] for name in names}, {name: settled[name][0][1] for name in names})
+    with _POOLS_LOCK:
+        if _CALLERS is None:
+            _CALLERS = ThreadPoolExecutor(4, thread_name_prefix="sf-models")
+    futures = {name: _CALLERS.submit(_timed, call) for name, call in calls.items()}
+    wait(futures.values())
+    timed = {name: future.result() for name, future in futures.items()}  # the first error, if any
+    return {name: result for name, (result, _) in timed.items()}, {name: s for name, (_, s) in timed.items()}
 
 
 def _timed(call: Callable[[], Any]) -> tuple[Any, float]:
     started = time.perf_counter()
     return call(), time.perf_counter() - started
-
-
-def _settle(fn: Callable, *args) -> tuple[Any, Exception | None]:
-    """(fn(*args), None), or (None, the exception it raised)."""
-    try:
-        return fn(*args), None
-    except Exception as exc:  # noqa: BLE001 - raised by the caller once every call has finished
-        return None, exc
 
 
 def cpu_batch_tokens(manifest: Manifest, workers: int = 1) -> int:
@@ -182,10 +167,11 @@ class OnnxTextModel:
         `outputs` gives each output's shape past the batch axis and its dtype: output k is an
         array [len(ids), *shape_k], row i the graph's row for ids[i]. Batches are cut by length
         (`text.length_buckets`: at most `batch_size` documents and `self.batch_tokens` padded
-        tokens) and right-padded with `pad_token_id`. With `self.workers` > 1 that many batches run
-        at once, the costliest first, and a call on fewer documents than `workers` x `batch_size` is
-        cut into smaller batches so that every worker gets one. If a batch raises, the call waits
-        for the batches running beside it, then raises the first error (in the order they started).
+        tokens) and right-padded with `pad_token_id`. The batches run on the process's shared
+        `inference_pool`: with `self.workers` > 1 that many at once, the costliest first, and a call
+        on fewer documents than `workers` x `batch_size` is cut into smaller batches so that every
+        worker gets one. If a batch raises, the call waits for the batches running beside it, then
+        raises the first error (in the order they started).
         """
         if batch_size < 1:
             raise ConfigError(f"batch_size: must be >= 1, got {batch_size}")
@@ -195,12 +181,9 @@ class OnnxTextModel:
         lengths = [len(s) for s in ids]
         workers = min(self.workers, len(ids))
         batches = length_buckets(lengths, min(batch_size, -(-len(ids) // workers)), self.batch_tokens)
-        if workers == 1 or len(batches) == 1:
-            for batch in batches:
-                self._run_batch(ids, batch, out)
-            return out
         # the costliest (padded tokens) first: the last to start are the cheapest, so the workers
-        # finish close together (each batch is sorted by length: its last document is its longest)
+        # finish close together (each batch is sorted by length: its last document is its longest).
+        # Even a lone batch goes to the pool: another model's call may be using the workers.
         batches.sort(key=lambda batch: -len(batch) * lengths[batch[-1]])
         pool = inference_pool(self.workers)
         futures = [pool.submit(self._run_batch, ids, batch, out) for batch in batches]

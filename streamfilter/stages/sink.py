@@ -38,7 +38,7 @@ from streamfilter import metrics
 from streamfilter.config import Config
 from streamfilter.errors import UserError
 from streamfilter.kafka_clients import Backoff, ConsumerWatch, StageHealth, close_quietly, new_consumer
-from streamfilter.kafka_loop import _sleep_or_stop, back_off_and_reconnect
+from streamfilter.kafka_loop import IDLE_POLL_S, _sleep_or_stop, back_off_and_reconnect
 
 log = logging.getLogger("streamfilter.stages")
 
@@ -180,7 +180,7 @@ class ShardSink:
 
     def step(self) -> None:
         """One poll: add the records to their partitions' shards, write the shards that are due."""
-        polled = self.consumer.poll(timeout_ms=max(200, min(self.config.batch.max_wait_ms, 500)),
+        polled = self.consumer.poll(timeout_ms=int(IDLE_POLL_S * 1000),
                                     max_records=self.config.batch.max_batch_docs)
         count = 0
         for tp, records in polled.items():

@@ -15,7 +15,7 @@ from streamfilter import metrics
 from streamfilter.config import Config, build_policy
 from streamfilter.errors import InvalidDocument
 from streamfilter.kafka_clients import Backoff, ConsumerWatch, StageHealth, close_quietly, new_consumer
-from streamfilter.kafka_loop import _sleep_or_stop, back_off_and_reconnect
+from streamfilter.kafka_loop import IDLE_POLL_S, _sleep_or_stop, back_off_and_reconnect
 from streamfilter.records import decode_scored
 
 log = logging.getLogger("streamfilter.stages")
@@ -153,7 +153,7 @@ class SketchAggregator:
         self._connect()
 
     def _poll_and_count(self) -> None:
-        polled = self.consumer.poll(timeout_ms=max(200, min(self.config.batch.max_wait_ms, 500)),
+        polled = self.consumer.poll(timeout_ms=int(IDLE_POLL_S * 1000),
                                     max_records=self.config.batch.max_batch_docs)
         records = [r for part in polled.values() for r in part]
         if records:

@@ -225,3 +225,16 @@ def test_the_score_stage_runs_its_models_side_by_side():
     assert scores.shape == (2,) and embeddings.shape == (2, 4)
     (a0, a1), (e0, e1) = spans["askllm"], spans["embedder"]
     assert a0 < e1 and e0 < a1, f"the models ran one after the other: {spans}"
+
+
+def test_a_one_batch_call_beside_another_takes_a_worker_too(test_models, sample_texts):
+    """A call that makes one inference batch runs it on the shared workers as well, so that beside
+    another model's call no more batches run at once than there are workers."""
+    from streamfilter.models.base import run_side_by_side
+
+    scorer = AskLLMScorer.load(test_models.askllm, variant="fp32", workers=2, intra_op_threads=1)
+    embedder = SentenceEmbedder.load(test_models.minilm, variant="fp32", workers=2, intra_op_threads=1)
+    watch = SharedWatch(scorer, embedder, hold_s=0.2)
+    run_side_by_side({"askllm": lambda: scorer.score(sample_texts, batch_size=2),
+                      "embedder": lambda: embedder.embed(sample_texts[:1], batch_size=2)})
+    assert watch.most <= 2, f"{watch.most} batches ran at once on two workers"
