@@ -477,7 +477,11 @@ def main() -> None:
     print(f"broker CPU while the documents flowed: {res.broker_cpu_s:.2f} s (the same cores)")
     # Time inside the models, against the bare scorers (which are nothing but that time): how much
     # slower inference itself runs beside the daemon's other threads and the broker.
-    print(f"inside the models: {res.inference_s:.1f} s of the run's {args.docs / res.docs_per_s:.1f} s, "
+    # The share of the run the score stage spent transforming (its utilisation at an offered --rate): the
+    # latency tail is queueing behind documents of uneven cost, and it grows fast as this nears 100%.
+    wall_s = args.docs / res.docs_per_s
+    print(f"inside the models: {res.inference_s:.1f} s of the run's {wall_s:.1f} s "
+          f"(the score stage busy {100 * res.inference_s / wall_s:.0f}% of the time), "
           f"{args.docs / res.inference_s:.2f} docs/s there against the bare runs' {bare_rate:.2f} and {bare_rate2:.2f}")
     if len(repeats) > 1 and not args.no_bare:
         print(f"{len(repeats)} daemon runs, each against the two bare runs around it (best, mean):")
