@@ -86,3 +86,80 @@ def test_a_stage_alone_in_its_group_joins_it_once(bootstrap, names, create_topic
     run_loop_until(loop, lambda: sum(n for _, n in generations) >= 600, timeout_s=120)
     assert sum(n for _, n in generations) == 600
     assert {g for g, _ in generations} == {1}, f"commits by generation: {generations}"
+
+
+def test_a_busy_stage_takes_a_partition_added_while_it_runs(bootstrap, names, create_topics):
+    """Scaling out by adding partitions, as a user does, under a stage that is busy: its polls are
+    short while a batch waits for the transform before it. The new partition's records are
+    committed within seconds, every record exactly once."""
+    import threading
+
+    from streamfilter.kafka_loop import Outputs, TransactionalLoop
+
+    from .test_loop_faults import copy_transform, read_all, run_loop_until
+
+    src, dst = names.topic("src"), names.topic("dst")
+    create_topics({src: 1, dst: 1})
+    config = loop_config(bootstrap, names, kafka={"metadata_max_age_ms": 500},
+                         batch={"max_wait_ms": 20, "base_batch_docs": 4, "max_batch_docs": 4})
+    copy = copy_transform(dst)
+
+    def slow_copy(records) -> Outputs:
+        time.sleep(0.1)  # a model's work: the next batch closes only when this is done
+        return copy(records)
+
+    committed, lock = {}, threading.Lock()
+
+    def on_commit(batch, outputs) -> None:
+        with lock:
+            for r in batch.records:
+                committed[r.value] = time.monotonic()
+
+    stop_producing, added_at, sent = threading.Event(), [], []
+
+    def produce_steadily() -> None:
+        producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=0, metadata_max_age_ms=500)
+        i, both = 0, False
+        while not stop_producing.is_set():
+            if added_at and not both:
+                both = 1 in producer.partitions_for(src)  # the producer's metadata has the new partition
+            partition = i % 2 if both else 0
+            if sum(v.startswith(b"p1-") for v in sent) >= 40:
+                break  # 40 records on the new partition
+            value = f"p{partition}-{i}".encode()
+            producer.send(src, value=value, partition=partition).get(timeout=10)
+            sent.append(value)
+            i += 1
+            time.sleep(0.03)
+        producer.close()
+
+    loop = TransactionalLoop("score", config, src, slow_copy, on_commit=on_commit)
+    producing = threading.Thread(target=produce_steadily, daemon=True)
+    producing.start()
+
+    def done() -> bool:
+        with lock:
+            n = len(committed)
+        if n >= 40 and not added_at:
+            admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+            admin.create_partitions({src: NewPartitions(total_count=2)})
+            admin.close()
+            added_at.append(time.monotonic())
+        with lock:
+            return not producing.is_alive() and set(sent) <= set(committed)
+
+    try:
+        run_loop_until(loop, done, timeout_s=60)
+    finally:
+        stop_producing.set()
+        producing.join(30)
+    new = [v for v in sent if v.startswith(b"p1-")]
+    assert len(new) == 40, f"{len(new)} records sent to the added partition"
+    late = [v for v in new if v not in committed]
+    assert not late, f"{len(late)} of the added partition's 40 records never committed"
+    # The stage takes the partition at its next metadata refresh (0.5 s) and one rebalance. A member
+    # that lost its join waited 12 s for the stall watch, or more.
+    waited = max(committed[v] for v in new[:5]) - added_at[0]
+    assert waited < 8, f"the added partition's first records were committed {waited:.1f} s after it was added"
+    values = read_all(bootstrap, dst)
+    assert sorted(values) == sorted(sent)  # exactly once
