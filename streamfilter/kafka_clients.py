@@ -108,8 +108,9 @@ def finish_joins_done_between_polls() -> None:
     partitions and sends no heartbeats until the stage's stall watch replaces it (12 s at best).
     Every leader starts with such a rebalance, and adding partitions makes another. So, as the Java
     client does with its join future, a join task in flight or done counts as a rejoin needed, and
-    one found done is finished first (a failed one is tried again). Idempotent; the internals it uses are checked in tests/test_kafka_clients.py and
-    the fault it fixes is reproduced in tests/daemon/test_group_rejoin.py."""
+    one found done is finished first (a failed one is tried again). Idempotent; the internals it
+    uses are checked in tests/test_kafka_clients.py and the fault it fixes is reproduced in
+    tests/daemon/test_group_rejoin.py."""
     from kafka.coordinator.base import BaseCoordinator
     from kafka.structs import MemberState
 

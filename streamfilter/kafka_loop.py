@@ -728,7 +728,7 @@ class TransactionalLoop:
             # kafka-python does not revisit them) and rebalances again at once, aborting the
             # transaction it has in flight (tests/daemon/test_group_rejoin.py).
             deadline = time.monotonic() + 30
-            while self.input_topic not in consumer.topics() or not consumer.partitions_for_topic(self.input_topic):
+            while self.input_topic not in consumer.topics():  # a fresh metadata fetch, every time
                 if time.monotonic() > deadline:
                     consumer.close()
                     raise RuntimeError(f"topic {self.input_topic} has no partitions (does it exist?)")

@@ -15,6 +15,7 @@ saw the route stall at start in one run of four.
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -22,8 +23,9 @@ from kafka import KafkaProducer, TopicPartition
 from kafka.admin import KafkaAdminClient, NewPartitions
 
 from streamfilter.kafka_clients import new_consumer
+from streamfilter.kafka_loop import Outputs, TransactionalLoop
 
-from .test_loop_faults import loop_config
+from .test_loop_faults import copy_transform, fill, loop_config, read_all, run_loop_until
 
 pytestmark = pytest.mark.kafka
 
@@ -66,12 +68,6 @@ def test_a_stage_alone_in_its_group_joins_it_once(bootstrap, names, create_topic
     rebalances again at once, aborting the transaction it has in flight (seen at every start of a
     stage: an aborted transaction and a warning for nothing). The loop joins with the metadata
     already seen by the coordinator, so every batch is committed in the first generation."""
-    import threading
-
-    from streamfilter.kafka_loop import TransactionalLoop
-
-    from .test_loop_faults import copy_transform, fill, run_loop_until
-
     src, dst = names.topic("src"), names.topic("dst")
     create_topics({src: 3, dst: 3})
     fill(bootstrap, src, {0: 200, 1: 200, 2: 200})
@@ -92,12 +88,6 @@ def test_a_busy_stage_takes_a_partition_added_while_it_runs(bootstrap, names, cr
     """Scaling out by adding partitions, as a user does, under a stage that is busy: its polls are
     short while a batch waits for the transform before it. The new partition's records are
     committed within seconds, every record exactly once."""
-    import threading
-
-    from streamfilter.kafka_loop import Outputs, TransactionalLoop
-
-    from .test_loop_faults import copy_transform, read_all, run_loop_until
-
     src, dst = names.topic("src"), names.topic("dst")
     create_topics({src: 1, dst: 1})
     config = loop_config(bootstrap, names, kafka={"metadata_max_age_ms": 500},
