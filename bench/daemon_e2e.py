@@ -381,7 +381,7 @@ def end_to_end(bootstrap: str, askllm: Path, embedder: Path, texts: list[str], v
                 for r in records:
                     if r.key not in decided_at:
                         decided_at[r.key], decided_wall[r.key], decision_sent[r.key] = now, now_wall, r.timestamp / 1000
-                        first_decided = first_decided or now
+                        first_decided = first_decided or now  # the values come in time order: this is their min
             if first_decided is not None and not settled_metrics and now >= first_decided + SETTLE_S:
                 settled_metrics = scrape(port)
             if proc.poll() is not None:
@@ -399,8 +399,7 @@ def end_to_end(bootstrap: str, askllm: Path, embedder: Path, texts: list[str], v
         peak_kb = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM")))
         text = scrape(port)
         scored_sent = record_times(bootstrap, topics["scored"], len(texts))
-        first = min(decided_at.values())
-        warm = [k for k in decided_at if sent_at[k] > first and k in scored_sent]
+        warm = [k for k in decided_at if sent_at[k] > first_decided and k in scored_sent]
         split = np.array([(scored_sent[k] - sent_wall[k], decision_sent[k] - scored_sent[k],
                            decided_wall[k] - decision_sent[k]) for k in warm]).reshape(-1, 3)
         snapshots = re.search(r"^streamfilter_snapshots_written_total (\S+)$", text, re.M)
@@ -408,10 +407,10 @@ def end_to_end(bootstrap: str, askllm: Path, embedder: Path, texts: list[str], v
             docs_per_s=len(texts) / elapsed, cpu_per_doc=cpu_per_doc, peak_kb=peak_kb, broker_cpu_s=broker_cpu,
             latencies_s=np.array([decided_at[k] - sent_at[k] for k in decided_at]),
             steady_latencies_s=np.array([decided_at[k] - sent_at[k] for k in decided_at
-                                         if sent_at[k] > min(decided_at.values())] or [np.nan]),
+                                         if sent_at[k] > first_decided] or [np.nan]),
             settled_latencies_s=np.array([decided_at[k] - sent_at[k] for k in decided_at
-                                          if sent_at[k] >= min(decided_at.values()) + SETTLE_S] or [np.nan]),
-            first_decision_s=min(decided_at.values()) - first_scored,
+                                          if sent_at[k] >= first_decided + SETTLE_S] or [np.nan]),
+            first_decision_s=first_decided - first_scored,
             batch_seconds=histogram_means(text, "streamfilter_batch_seconds"),
             settled_batch_seconds=histogram_means(text, "streamfilter_batch_seconds", settled_metrics)
             if settled_metrics else {},
